@@ -1,0 +1,37 @@
+# Quick start: `make demo` and `make test` each create .venv and install what they need.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+REFVENV ?= /tmp/eqv2-refvenv
+
+.PHONY: venv install install-test demo test test-reference bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first: 2.13.0 is the cached CPU wheel on our machines; pyproject only asks for torch>=2.4
+	$(BIN)/pip install -q torch==2.13.0
+
+venv: $(BIN)/python
+
+install: venv
+	$(BIN)/pip install -q -e .
+
+install-test: venv
+	$(BIN)/pip install -q -e ".[test]"
+
+demo: install
+	$(BIN)/python examples/demo.py
+
+test: install-test
+	$(BIN)/python -m pytest -q
+
+# Parity checks against the live fairchem 1.10 reference (needs ../shared/reference/setup_refvenv.sh)
+test-reference: install-test
+	EQV2_REFVENV=$(REFVENV) $(BIN)/python -m pytest -q -m reference
+
+bench: install
+	$(BIN)/python benchmarks/forward.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,24 @@
+"""The ``eqv2`` command line. Each sub-package registers its own sub-command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eqv2", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    from eqv2_calc.relax import cli as relax_cli
+
+    relax_cli.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
