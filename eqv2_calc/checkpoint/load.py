@@ -1,0 +1,298 @@
+"""Load fairchem EquiformerV2 checkpoints into :class:`eqv2_calc.model.EquiformerV2`.
+
+Supported layouts:
+
+* 2023 OCP trainer files (official OC20 2023_06 / OC22 2023_10): ``config["model"] =
+  "equiformer_v2"`` + ``config["model_attributes"]``, keys prefixed ``module.module.``,
+  ``normalizers = {"target": {mean, std}, "grad_target": {mean, std}}``;
+* fairchem 1.x: ``config["model"] = {"name": "equiformer_v2", ...}``, normalizers keyed
+  ``energy`` / ``forces`` with ``std`` or ``rmsd``, optional ``elementrefs``;
+* hydra: ``config["model"] = {"name": "hydra", "backbone": {...}, "heads": {...}}`` with
+  ``backbone.*``, ``output_heads.energy.energy_block.*``, ``output_heads.forces.force_block.*``.
+
+Weights come from ``state_dict`` like fairchem's OCPCalculator; ``use_ema=True`` takes the
+``ema`` shadow weights instead when the file has them. Output de-normalisation
+(normalizers, OC22 ``energy_lin_ref``, fairchem 1.x ``elementrefs``) is applied exactly as
+OCPCalculator does, inside the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from eqv2_calc.checkpoint.keymap import is_derived, strip_prefixes
+from eqv2_calc.checkpoint.registry import resolve_checkpoint
+from eqv2_calc.errors import CheckpointError
+from eqv2_calc.model import AVG_DEGREE_OC20, AVG_NUM_NODES_OC20, EquiformerV2, EquiformerV2Config
+from eqv2_calc.so3.layout import reduced_to_mprimary
+
+_EQV2_NAMES = {"equiformer_v2", "equiformerv2", "equiformer_v2_backbone", "EquiformerV2", "EquiformerV2Backbone"}
+_REQUIRED_VALUES = {  # option: values this implementation supports (all official checkpoints use these)
+    "norm_type": {"layer_norm_sh"},
+    "use_grid_mlp": {True},
+    "use_sep_s2_act": {True},
+    "use_gate_act": {False},
+    "use_s2_act_attn": {False},
+    "use_m_share_rad": {False},
+    "distance_function": {"gaussian"},
+}
+_FAIRCHEM_DEFAULTS = {  # fairchem 1.x constructor defaults for options a config may omit
+    "max_neighbors": 500, "max_radius": 5.0, "max_num_elements": 90, "num_layers": 12,
+    "sphere_channels": 128, "attn_hidden_channels": 128, "num_heads": 8, "attn_alpha_channels": 32,
+    "attn_value_channels": 16, "ffn_hidden_channels": 512, "norm_type": "rms_norm_sh",
+    "lmax_list": [6], "mmax_list": [2], "grid_resolution": None, "edge_channels": 128,
+    "use_atom_edge_embedding": True, "share_atom_edge_embedding": False, "use_m_share_rad": False,
+    "distance_function": "gaussian", "use_s2_act_attn": False, "use_attn_renorm": True,
+    "use_gate_act": False, "use_grid_mlp": False, "use_sep_s2_act": True,
+    "enforce_max_neighbors_strictly": True, "avg_num_nodes": None, "avg_degree": None,
+    "use_energy_lin_ref": False, "load_energy_lin_ref": False, "use_pbc": True, "regress_forces": True,
+}
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """What a loaded checkpoint is. Energies in eV, cutoff in Å."""
+
+    path: str
+    sha256: str
+    architecture: str
+    energy_convention: str
+    cutoff: float
+    max_neighbors: int
+    strict_max_neighbors: bool
+    num_parameters: int
+    weights: str
+    config: dict = field(repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "config"}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read(path: Path) -> dict:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # Full training-state pickles (e.g. numpy scalars in val_metrics) need the full
+        # unpickler. Only do this for files you trust, as with any pickle.
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+    except Exception as exc:
+        raise CheckpointError(
+            f"cannot read checkpoint {path} ({type(exc).__name__}: {exc}); the file is corrupt, "
+            "truncated or not a torch checkpoint"
+        ) from exc
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "config" not in ckpt:
+        keys = list(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(
+            f"{path} is not a fairchem checkpoint (expected a dict with 'config' and 'state_dict', got {keys})"
+        )
+    return ckpt
+
+
+def _model_options(config: dict, path: Path) -> dict:
+    """The EquiformerV2 hyper-parameters from any of the three config layouts."""
+    model = config.get("model")
+    if isinstance(model, str):
+        name, opts = model, dict(config.get("model_attributes", {}))
+    elif isinstance(model, dict):
+        name = model.get("name", "")
+        opts = dict(model)
+        if name == "hydra":
+            backbone = dict(model.get("backbone", {}))
+            name = backbone.pop("model", "")
+            opts = backbone
+            heads = model.get("heads", {})
+            modules = {str(h.get("module", "")) for h in heads.values()}
+            bad = {m for m in modules if "dens" in m.lower()}
+            if bad or "dens" in name.lower():
+                raise CheckpointError(f"{path}: EquiformerV2 DeNS heads/backbones are not supported ({bad or name})")
+    else:
+        raise CheckpointError(f"{path}: config['model'] is missing; not a fairchem model checkpoint")
+    short = name.rsplit(".", 1)[-1]
+    if name not in _EQV2_NAMES and short not in _EQV2_NAMES:
+        raise CheckpointError(
+            f"{path} holds a {name!r} model, not EquiformerV2; eqv2-calc only runs EquiformerV2 checkpoints"
+        )
+    return {**_FAIRCHEM_DEFAULTS, **opts}
+
+
+def config_from_options(opts: dict, path: Path | str = "checkpoint") -> EquiformerV2Config:
+    """Map fairchem hyper-parameters onto :class:`EquiformerV2Config`, rejecting unsupported variants."""
+    for key, allowed in _REQUIRED_VALUES.items():
+        if opts.get(key) not in allowed:
+            raise CheckpointError(
+                f"{path}: {key}={opts.get(key)!r} is not supported (supported: {sorted(map(str, allowed))}); "
+                "every official EquiformerV2 checkpoint uses the supported setting"
+            )
+    lmax, mmax = list(opts["lmax_list"]), list(opts["mmax_list"])
+    if len(lmax) != 1 or len(mmax) != 1:
+        raise CheckpointError(f"{path}: multi-resolution lmax_list={lmax} is not supported")
+    if not isinstance(opts["grid_resolution"], int):
+        raise CheckpointError(f"{path}: grid_resolution={opts['grid_resolution']!r}; an integer is required")
+    if opts["use_energy_lin_ref"] and not opts["load_energy_lin_ref"]:
+        raise CheckpointError(f"{path}: use_energy_lin_ref=True needs load_energy_lin_ref=True")
+    return EquiformerV2Config(
+        num_layers=opts["num_layers"], sphere_channels=opts["sphere_channels"],
+        attn_hidden_channels=opts["attn_hidden_channels"], num_heads=opts["num_heads"],
+        attn_alpha_channels=opts["attn_alpha_channels"], attn_value_channels=opts["attn_value_channels"],
+        ffn_hidden_channels=opts["ffn_hidden_channels"], lmax=lmax[0], mmax=mmax[0],
+        grid_resolution=opts["grid_resolution"], edge_channels=opts["edge_channels"],
+        max_num_elements=opts["max_num_elements"], max_radius=float(opts["max_radius"]),
+        max_neighbors=int(opts["max_neighbors"]),
+        enforce_max_neighbors_strictly=bool(opts["enforce_max_neighbors_strictly"]),
+        use_pbc=bool(opts["use_pbc"]), use_atom_edge_embedding=bool(opts["use_atom_edge_embedding"]),
+        share_atom_edge_embedding=bool(opts["share_atom_edge_embedding"]),
+        use_attn_renorm=bool(opts["use_attn_renorm"]),
+        avg_num_nodes=float(opts["avg_num_nodes"] or AVG_NUM_NODES_OC20),
+        avg_degree=float(opts["avg_degree"] or AVG_DEGREE_OC20),
+        use_energy_lin_ref=bool(opts["use_energy_lin_ref"] and opts["load_energy_lin_ref"]),
+        regress_forces=bool(opts["regress_forces"]),
+    )
+
+
+def _normalizer(norms: dict, *names: str) -> tuple[float, float]:
+    """(mean, std) of the first normalizer present under ``names``; identity if none."""
+    for name in names:
+        if name in norms and norms[name] is not None:
+            entry = norms[name]
+            std = entry.get("std", entry.get("rmsd", 1.0))
+            return float(torch.as_tensor(entry.get("mean", 0.0))), float(torch.as_tensor(std))
+    return 0.0, 1.0
+
+
+def _element_refs(ckpt: dict) -> torch.Tensor | None:
+    refs = (ckpt.get("elementrefs") or {}).get("energy")
+    if refs is None:
+        return None
+    if isinstance(refs, dict):
+        refs = next((v for k, v in refs.items() if "element_references" in k), None)
+    return None if refs is None else torch.as_tensor(refs, dtype=torch.float32).flatten()
+
+
+def _local_state(sd: dict[str, torch.Tensor], model: EquiformerV2, path: Path):
+    """Map keys; return (params/buffers to load, grid buffers, fairchem order of parameter keys)."""
+    cfg = model.cfg
+    L, M = cfg.lmax, cfg.mmax
+    grids: dict[str, torch.Tensor] = {}
+    state: dict[str, torch.Tensor] = {}
+    order: list[str] = []
+    for key, value in sd.items():
+        local = strip_prefixes(key)
+        grid = {f"SO3_grid.{L}.{M}.to_grid_mat": "edge_to", f"SO3_grid.{L}.{M}.from_grid_mat": "edge_from",
+                f"SO3_grid.{L}.{L}.to_grid_mat": "node_to", f"SO3_grid.{L}.{L}.from_grid_mat": "node_from"}
+        if local in grid:
+            grids.setdefault(grid[local], value)
+        if is_derived(local):
+            continue
+        if local == "energy_lin_ref" and not cfg.use_energy_lin_ref:
+            continue
+        if local.startswith("output_heads."):
+            raise CheckpointError(
+                f"{path}: output head {local.split('.')[1]!r} is not supported (only energy and forces heads)"
+            )
+        state[local] = value
+        order.append(local)
+    return state, grids, order
+
+
+def _set_grids(model: EquiformerV2, grids: dict[str, torch.Tensor]) -> None:
+    """Use the checkpoint's S2 grid matrices (fairchem reduced l-primary [res, res, K])."""
+    cfg = model.cfg
+    perm = reduced_to_mprimary(cfg.lmax, cfg.mmax)
+    for name, value in grids.items():
+        mat = value.reshape(-1, value.shape[-1]).float()
+        if name.startswith("edge"):
+            mat = mat[:, perm]
+        target = getattr(model, f"{name}_grid")
+        mat = mat if name.endswith("to") else mat.T
+        if mat.shape != target.shape:
+            raise CheckpointError(f"S2 grid {name} has shape {tuple(mat.shape)}, expected {tuple(target.shape)}")
+        target.copy_(mat)
+
+
+def load_model(
+    path_or_name: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    use_ema: bool = False,
+) -> tuple[EquiformerV2, CheckpointMeta]:
+    """Build the model stored in a checkpoint file or named official checkpoint.
+
+    Returns ``(model, meta)``: the model in eval mode with frozen parameters, on ``device``
+    in ``dtype`` (float32 or float64). ``use_ema`` takes the EMA shadow weights if present.
+    Raises :class:`~eqv2_calc.errors.CheckpointError` for missing, corrupt or unsupported files.
+    """
+    if dtype not in (torch.float32, torch.float64):
+        raise CheckpointError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    path = resolve_checkpoint(path_or_name)
+    ckpt = _read(path)
+    opts = _model_options(ckpt["config"], path)
+    cfg = config_from_options(opts, path)
+    model = EquiformerV2(cfg)
+    state, grids, order = _local_state(ckpt["state_dict"], model, path)
+    weights = "state_dict"
+    if use_ema:
+        state, weights = _apply_ema(ckpt, state, order, model, path)
+    norms = ckpt.get("normalizers") or {}
+    e_mean, e_std = _normalizer(norms, "energy", "target")
+    f_mean, f_std = _normalizer(norms, "forces", "grad_target")
+    refs = _element_refs(ckpt)
+    extra = {"energy_mean": e_mean, "energy_std": e_std, "force_mean": f_mean, "force_std": f_std}
+    for k, v in extra.items():
+        state[k] = torch.tensor(v)
+    state["element_refs"] = torch.zeros(cfg.max_num_elements) if refs is None else refs[: cfg.max_num_elements]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: state_dict does not match the EquiformerV2 architecture in its config; "
+            f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+            f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
+        )
+    with torch.no_grad():
+        _set_grids(model, grids)
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    convention = (
+        "total energy (linear element references added)"
+        if cfg.use_energy_lin_ref or refs is not None
+        else "referenced energy (OC20: adsorption energy vs. clean slab + gas-phase references)"
+    )
+    meta = CheckpointMeta(
+        path=str(path), sha256=_sha256(path),
+        architecture=f"EquiformerV2 (L={cfg.lmax}, M={cfg.mmax}, {cfg.num_layers} layers, C={cfg.sphere_channels})",
+        energy_convention=convention, cutoff=cfg.max_radius, max_neighbors=cfg.max_neighbors,
+        strict_max_neighbors=cfg.enforce_max_neighbors_strictly,
+        num_parameters=sum(p.numel() for p in model.parameters()), weights=weights, config=cfg.to_dict(),
+    )
+    return model, meta
+
+
+def _apply_ema(ckpt: dict, state: dict, order: list[str], model: EquiformerV2, path: Path):
+    """Replace trainable parameters by ``ckpt['ema']['shadow_params']`` (fairchem parameter order)."""
+    ema = ckpt.get("ema")
+    if not ema or "shadow_params" not in ema:
+        warnings.warn(f"{path} has no EMA weights; using state_dict", stacklevel=3)
+        return state, "state_dict"
+    params = dict(model.named_parameters())
+    keys = [k for k in order if k in params]
+    shadow = list(ema["shadow_params"])
+    if len(shadow) != len(keys) or any(s.shape != state[k].shape for s, k in zip(shadow, keys)):
+        raise CheckpointError(f"{path}: EMA shadow parameters do not match the model parameters")
+    return {**state, **dict(zip(keys, shadow))}, "ema"

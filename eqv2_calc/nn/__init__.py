@@ -1,0 +1,1 @@
+"""EquiformerV2 building blocks. Parameter names follow fairchem's state_dict keys."""

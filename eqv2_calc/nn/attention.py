@@ -1,0 +1,79 @@
+"""SO(2)-equivariant graph attention (EquiformerV2 §3) with separable S2 activation.
+
+Per edge j → i: concat[x_j, x_i] rotated into the edge frame → SO(2) conv 1 (+ attention
+logits and gates as extra m = 0 outputs) → separable S2 activation (l = 0 row := SiLU(gate),
+l > 0 rows := S2 grid SiLU) → SO(2) conv 2 → weighted by a softmax over the incoming edges
+of i per head → rotated back → summed at i → degree-wise linear projection.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from eqv2_calc.nn.activation import SmoothLeakyReLU
+from eqv2_calc.nn.context import EdgeContext, EdgeEmbedding
+from eqv2_calc.nn.so2_conv import SO2Convolution
+from eqv2_calc.nn.so3_linear import SO3Linear
+
+
+def segment_softmax(logits: torch.Tensor, index: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """Softmax of logits [E, H] over the edges sharing ``index`` (their target); +1e-16 in the denominator."""
+    seg_max = logits.new_zeros(num_segments, logits.shape[1]).scatter_reduce(
+        0, index[:, None].expand_as(logits), logits, reduce="amax", include_self=False
+    )
+    expo = torch.exp(logits - seg_max[index])
+    denom = logits.new_zeros(num_segments, logits.shape[1]).index_add_(0, index, expo)
+    return expo / (denom[index] + 1e-16)
+
+
+class SO2GraphAttention(EdgeEmbedding):
+    """Keys: ``{source,target}_embedding``, ``so2_conv_1``, ``alpha_norm``, ``alpha_dot``,
+    ``so2_conv_2``, ``proj``. Input x [N, K, C] → [N, K, out_channels]."""
+
+    def __init__(
+        self,
+        channels: int,
+        hidden_channels: int,
+        num_heads: int,
+        alpha_channels: int,
+        value_channels: int,
+        out_channels: int,
+        lmax: int,
+        mmax: int,
+        radial_channels: list[int],
+        max_num_elements: int | None,
+        use_attn_renorm: bool = True,
+    ):
+        super().__init__(max_num_elements, radial_channels[-1])
+        self.num_heads, self.alpha_channels, self.value_channels = num_heads, alpha_channels, value_channels
+        self.so2_conv_1 = SO2Convolution(
+            2 * channels, hidden_channels, lmax, mmax, radial_channels,
+            extra_m0_outputs=num_heads * alpha_channels + hidden_channels,
+        )
+        self.alpha_norm = nn.LayerNorm(alpha_channels) if use_attn_renorm else nn.Identity()
+        self.alpha_act = SmoothLeakyReLU(0.2)
+        self.alpha_dot = nn.Parameter(torch.empty(num_heads, alpha_channels))
+        nn.init.uniform_(self.alpha_dot, -alpha_channels**-0.5, alpha_channels**-0.5)
+        self.so2_conv_2 = SO2Convolution(hidden_channels, num_heads * value_channels, lmax, mmax)
+        self.proj = SO3Linear(num_heads * value_channels, out_channels, lmax)
+
+    def forward(
+        self, x: torch.Tensor, ctx: EdgeContext, to_grid: torch.Tensor, from_grid: torch.Tensor
+    ) -> torch.Tensor:
+        """x [N, K, C]; to_grid [G, Kr], from_grid [Kr, G] (edge-frame grid) → [N, K, out]."""
+        num_edges = ctx.src.shape[0]
+        msg = torch.cat([x[ctx.src], x[ctx.dst]], dim=2)  # [E, K, 2C]
+        msg = torch.bmm(ctx.rot, msg)  # [E, Kr, 2C]
+        msg, extras = self.so2_conv_1(msg, self.edge_features(ctx))
+        n_alpha = self.num_heads * self.alpha_channels
+        alpha_in, gate = extras[:, :n_alpha], extras[:, n_alpha:]
+        grid = F.silu(torch.matmul(to_grid, msg))  # [E, G, Ha]
+        msg = torch.cat([F.silu(gate)[:, None, :], torch.matmul(from_grid[1:], grid)], dim=1)
+        msg, _ = self.so2_conv_2(msg)  # [E, Kr, Hn*Cv]
+        alpha = self.alpha_act(self.alpha_norm(alpha_in.view(num_edges, self.num_heads, self.alpha_channels)))
+        alpha = segment_softmax((alpha * self.alpha_dot).sum(-1), ctx.dst, ctx.num_nodes)  # [E, Hn]
+        msg = msg.view(num_edges, -1, self.num_heads, self.value_channels) * alpha[:, None, :, None]
+        msg = torch.bmm(ctx.rot_inv, msg.view(num_edges, msg.shape[1], -1))  # [E, K, Hn*Cv]
+        return self.proj(ctx.aggregate(msg))

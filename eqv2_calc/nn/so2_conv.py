@@ -1,0 +1,86 @@
+"""SO(2) convolution in the edge frame (eSCN).
+
+Input and output are m-primary edge-frame features [E, Kr, C] (see :mod:`eqv2_calc.so3.layout`).
+For each order m the n_m = L+1−m degrees are mixed by a linear map; for m > 0 the (+m, −m)
+pair is treated as the (real, imaginary) parts of a complex number:
+out(+m) = W_r x(+m) − W_i x(−m),  out(−m) = W_r x(−m) + W_i x(+m).
+Optional radial weights [E, Σ_m n_m·Cin] multiply the inputs first (chunks [m0 | m1 | …],
+each flattened (l, channel)).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from eqv2_calc.nn.radial import RadialMLP
+from eqv2_calc.so3.layout import m_sizes
+
+
+class SO2MConv(nn.Module):
+    """The m > 0 map: ``fc`` Linear(n_m·Cin → 2·n_m·Cout), no bias."""
+
+    def __init__(self, in_channels: int, out_channels: int, n: int):
+        super().__init__()
+        self.n, self.out_channels = n, out_channels
+        self.fc = nn.Linear(n * in_channels, 2 * n * out_channels, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[E, 2, n·Cin] (+m half, −m half) → [E, 2n, Cout]."""
+        y = self.fc(x)
+        half = self.n * self.out_channels
+        real, imag = y[..., :half], y[..., half:]
+        pos = real[:, 0] - imag[:, 1]
+        neg = real[:, 1] + imag[:, 0]
+        return torch.stack([pos, neg], dim=1).reshape(x.shape[0], 2 * self.n, self.out_channels)
+
+
+class SO2Convolution(nn.Module):
+    """Keys ``fc_m0``, ``so2_m_conv.{m-1}.fc``, ``rad_func`` (when ``radial_channels``).
+
+    ``extra_m0_outputs`` scalars are split off the front of the m = 0 output and returned
+    separately (attention logits and gates).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        lmax: int,
+        mmax: int,
+        radial_channels: list[int] | None = None,
+        extra_m0_outputs: int = 0,
+    ):
+        super().__init__()
+        self.sizes = m_sizes(lmax, mmax)
+        self.in_channels, self.out_channels, self.extra = in_channels, out_channels, extra_m0_outputs
+        n0 = self.sizes[0]
+        self.fc_m0 = nn.Linear(n0 * in_channels, n0 * out_channels + extra_m0_outputs)
+        self.so2_m_conv = nn.ModuleList(
+            SO2MConv(in_channels, out_channels, n) for n in self.sizes[1:]
+        )
+        self.rad_func = None
+        if radial_channels is not None:
+            self.rad_func = RadialMLP(list(radial_channels) + [sum(self.sizes) * in_channels])
+
+    def forward(
+        self, x: torch.Tensor, edge_features: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [E, Kr, Cin], edge_features [E, F] → (out [E, Kr, Cout], extras [E, extra])."""
+        num_edges, cin = x.shape[0], self.in_channels
+        weights = self.rad_func(edge_features) if self.rad_func is not None else None
+        n0 = self.sizes[0]
+        x0 = x[:, :n0].reshape(num_edges, n0 * cin)
+        if weights is not None:
+            x0 = x0 * weights[:, : n0 * cin]
+        y0 = self.fc_m0(x0)
+        extras = y0[:, : self.extra]
+        outs = [y0[:, self.extra :].reshape(num_edges, n0, self.out_channels)]
+        row, col = n0, n0 * cin
+        for n, conv in zip(self.sizes[1:], self.so2_m_conv):
+            xm = x[:, row : row + 2 * n].reshape(num_edges, 2, n * cin)
+            if weights is not None:
+                xm = xm * weights[:, None, col : col + n * cin]
+            outs.append(conv(xm))
+            row, col = row + 2 * n, col + n * cin
+        return torch.cat(outs, dim=1), extras

@@ -1,0 +1,372 @@
+"""Batched L-BFGS on packed batches: state dataclass and pure step functions.
+
+The algorithm is ASE's ``ase.optimize.LBFGS`` (two-loop recursion, fixed initial inverse
+Hessian ``H0 = 1/alpha``, step rescaled so that the largest atomic displacement is at most
+``maxstep``, then multiplied by ``damping``), applied to every system of a packed batch
+*independently*: every dot product, step length and history is per system, so the numbers
+of one system never depend on which other systems share its batch.
+
+Shapes: N = atoms in the batch (all systems concatenated, no padding), S = systems,
+H = history slots (``memory``, capped by the step budget).
+
+================  ==============  ===============================================================
+field             shape / dtype   meaning
+================  ==============  ===============================================================
+positions         [N, 3] f64      current positions, Å
+forces            [N, 3] f64      raw (unconstrained) forces at ``positions``, eV/Å
+energy            [S] f64         potential energy at ``positions``, eV
+free              [N, 3] bool     False for fixed Cartesian components (ASE FixAtoms/FixCartesian)
+numbers           [N] int64       atomic numbers
+system_idx        [N] int64       system of each atom, sorted 0..S-1
+natoms            [S] int64       atoms per system
+cell              [S, 3, 3] f64   lattice vectors as rows, Å
+pbc               [S, 3] bool     periodicity
+r0                [N, 3] f64      positions before the last step (``x_{k-1}``), Å
+f0                [N, 3] f64      constrained forces at ``r0``, eV/Å
+s, y              [H, N, 3] f64   history ring buffers: s = x_k - x_{k-1}, y = g_k - g_{k-1}
+                                  (g = -constrained forces); slot ``h`` of system ``b`` lives in
+                                  the rows of b's atoms
+rho               [S, H] f64      1 / (y . s) per stored pair (0 for empty slots)
+head              [S] int64       ring slot the next accepted pair of each system is written to
+count             [S] int64       number of valid pairs per system (<= H)
+iteration         [S] int64       L-BFGS steps taken per system (ASE ``nsteps``)
+================  ==============  ===============================================================
+
+``lbfgs_step`` updates ``state`` **in place** (no copy of the history buffers) and returns
+the same object. It needs ``forces``/``energy`` evaluated at the current positions; after it
+returns, ``positions`` hold the new (not yet evaluated) positions. The caller (the runner)
+evaluates the potential and stores the results with :func:`lbfgs_set_results`. Evaluation is
+kept out of the step so that the runner can evaluate freshly inserted systems (at their
+initial positions) together with the continuing ones in one potential call.
+
+Curvature guard (``curvature_guard``): ASE stores every pair, even when ``y.s <= 0`` (the
+pair then makes the inverse-Hessian estimate indefinite and the next direction may point
+uphill; ``y.s == 0`` gives ``rho = inf`` and NaN positions). ``"skip"`` (default) does not
+store such a pair for that system, ``"reset"`` clears that system's history, ``"none"``
+reproduces ASE exactly. While every ``y.s > 0`` (the usual case) all three give ASE's path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Literal, Sequence
+
+import torch
+
+from eqv2_calc.errors import InputError
+
+CurvatureGuard = Literal["skip", "reset", "none"]
+CURVATURE_GUARDS: tuple[str, ...] = ("skip", "reset", "none")
+
+
+@dataclass(frozen=True)
+class LBFGSParams:
+    """L-BFGS hyper-parameters (names and defaults as in ``ase.optimize.LBFGS``).
+
+    Attributes
+    ----------
+    maxstep:
+        Largest displacement of any single atom per step, Å (default 0.2). Values
+        above 1.0 Å are rejected, as in ASE.
+    memory:
+        Number of (s, y, rho) pairs kept per system (default 100).
+    damping:
+        Factor applied to the step *after* the ``maxstep`` rescaling (default 1.0).
+    alpha:
+        Initial Hessian guess in eV/Å² (default 70.0); ``H0 = 1/alpha`` is never updated.
+    curvature_guard:
+        What to do with a pair whose ``y.s <= 0``: ``"skip"`` (default), ``"reset"``
+        or ``"none"`` (store it, exactly like ASE). See the module docstring.
+    """
+
+    maxstep: float = 0.2
+    memory: int = 100
+    damping: float = 1.0
+    alpha: float = 70.0
+    curvature_guard: CurvatureGuard = "skip"
+
+    def __post_init__(self) -> None:
+        if not (0.0 < self.maxstep <= 1.0):
+            raise InputError(
+                f"maxstep={self.maxstep!r} Å is not allowed: use 0 < maxstep <= 1.0 Å "
+                "(ASE rejects larger values as 'much too large')"
+            )
+        if not isinstance(self.memory, int) or isinstance(self.memory, bool) or self.memory < 1:
+            raise InputError(f"memory={self.memory!r} must be a positive integer")
+        if not self.damping > 0.0:
+            raise InputError(f"damping={self.damping!r} must be > 0")
+        if not self.alpha > 0.0:
+            raise InputError(f"alpha={self.alpha!r} eV/Å² must be > 0")
+        if self.curvature_guard not in CURVATURE_GUARDS:
+            raise InputError(
+                f"curvature_guard={self.curvature_guard!r}; expected one of {CURVATURE_GUARDS}"
+            )
+
+
+PER_ATOM_FIELDS: tuple[str, ...] = ("positions", "forces", "free", "numbers", "r0", "f0")
+"""Fields whose first dimension is N."""
+PER_SYSTEM_FIELDS: tuple[str, ...] = (
+    "energy", "natoms", "cell", "pbc", "rho", "head", "count", "iteration",
+)
+"""Fields whose first dimension is S."""
+HISTORY_FIELDS: tuple[str, ...] = ("s", "y")
+"""Fields of shape [H, N, 3] (atom dimension 1)."""
+
+
+@dataclass(kw_only=True)
+class LBFGSState:
+    """Packed L-BFGS state of several systems (see the module docstring for the shape table)."""
+
+    positions: torch.Tensor
+    forces: torch.Tensor
+    energy: torch.Tensor
+    free: torch.Tensor
+    numbers: torch.Tensor
+    system_idx: torch.Tensor
+    natoms: torch.Tensor
+    cell: torch.Tensor
+    pbc: torch.Tensor
+    r0: torch.Tensor
+    f0: torch.Tensor
+    s: torch.Tensor
+    y: torch.Tensor
+    rho: torch.Tensor
+    head: torch.Tensor
+    count: torch.Tensor
+    iteration: torch.Tensor
+    max_count: int = 0
+    """Host-side upper bound of ``count`` (bounds the two-loop without a device sync)."""
+
+    @property
+    def num_systems(self) -> int:
+        return int(self.natoms.shape[0])
+
+    @property
+    def num_atoms(self) -> int:
+        return int(self.positions.shape[0])
+
+    @property
+    def history_size(self) -> int:
+        return int(self.s.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.positions.device
+
+    def constrained_forces(self) -> torch.Tensor:
+        """Forces with fixed components set to exactly 0, [N, 3] eV/Å."""
+        return torch.where(self.free, self.forces, torch.zeros_like(self.forces))
+
+    def select(self, systems: torch.Tensor | Sequence[int]) -> "LBFGSState":
+        """Return a new state holding only ``systems`` (indices into 0..S-1, in that order)."""
+        sys_t = torch.as_tensor(systems, dtype=torch.long, device=self.device)
+        offsets = torch.cumsum(self.natoms, 0) - self.natoms
+        nat = self.natoms[sys_t]
+        # atom rows of the selected systems, in the order given
+        new_sys = torch.repeat_interleave(torch.arange(len(sys_t), device=self.device), nat)
+        within = torch.arange(int(nat.sum()), device=self.device) - (
+            torch.cumsum(nat, 0) - nat
+        )[new_sys]
+        rows = offsets[sys_t][new_sys] + within
+        out = {f: getattr(self, f)[rows] for f in PER_ATOM_FIELDS}
+        out.update({f: getattr(self, f)[sys_t] for f in PER_SYSTEM_FIELDS})
+        out.update({f: getattr(self, f)[:, rows] for f in HISTORY_FIELDS})
+        return LBFGSState(system_idx=new_sys, max_count=self.max_count, **out)
+
+
+def concat_states(states: Sequence[LBFGSState]) -> LBFGSState:
+    """Concatenate states (same history size and device) into one; systems keep their order."""
+    states = [s for s in states if s.num_systems > 0]
+    if not states:
+        raise InputError("concat_states needs at least one non-empty state")
+    if len(states) == 1:
+        return states[0]
+    h = {s.history_size for s in states}
+    if len(h) != 1:
+        raise InputError(f"cannot concatenate states with different history sizes {sorted(h)}")
+    out = {f: torch.cat([getattr(s, f) for s in states]) for f in PER_ATOM_FIELDS + PER_SYSTEM_FIELDS}
+    out.update({f: torch.cat([getattr(s, f) for s in states], dim=1) for f in HISTORY_FIELDS})
+    offsets = torch.cumsum(torch.tensor([0] + [s.num_systems for s in states[:-1]]), 0)
+    system_idx = torch.cat([s.system_idx + int(o) for s, o in zip(states, offsets)])
+    return LBFGSState(system_idx=system_idx, max_count=max(s.max_count for s in states), **out)
+
+
+def lbfgs_init(
+    positions: torch.Tensor,
+    numbers: torch.Tensor,
+    natoms: torch.Tensor,
+    cell: torch.Tensor,
+    pbc: torch.Tensor,
+    free: torch.Tensor,
+    *,
+    history_size: int,
+) -> LBFGSState:
+    """Create a state with empty history for systems that have not been evaluated yet.
+
+    Parameters
+    ----------
+    positions:
+        [N, 3] positions in Å (converted to float64).
+    numbers:
+        [N] atomic numbers.
+    natoms:
+        [S] atoms per system (positive), atoms of each system contiguous.
+    cell, pbc:
+        [S, 3, 3] lattice rows (Å) and [S, 3] periodicity.
+    free:
+        [N, 3] bool, False for fixed Cartesian components.
+    history_size:
+        Number of history slots H (normally ``min(memory, steps)``, at least 1).
+
+    ``forces`` and ``energy`` are zero-filled placeholders; evaluate the potential and call
+    :func:`lbfgs_set_results` before the first :func:`lbfgs_step`.
+    """
+    dev = positions.device
+    pos = positions.to(torch.float64)
+    n, s = pos.shape[0], natoms.shape[0]
+    if pos.shape != (n, 3) or free.shape != (n, 3) or numbers.shape != (n,):
+        raise InputError(
+            f"inconsistent shapes: positions {tuple(pos.shape)}, free {tuple(free.shape)}, "
+            f"numbers {tuple(numbers.shape)}; expected [N, 3], [N, 3], [N]"
+        )
+    if int(natoms.sum()) != n:
+        raise InputError(f"natoms sums to {int(natoms.sum())} but there are {n} atoms")
+    if history_size < 1:
+        raise InputError(f"history_size must be >= 1, got {history_size}")
+    zeros_n3 = torch.zeros(n, 3, dtype=torch.float64, device=dev)
+    return LBFGSState(
+        positions=pos.clone(),
+        forces=zeros_n3.clone(),
+        energy=torch.zeros(s, dtype=torch.float64, device=dev),
+        free=free.to(device=dev, dtype=torch.bool),
+        numbers=numbers.to(device=dev, dtype=torch.long),
+        system_idx=torch.repeat_interleave(torch.arange(s, device=dev), natoms.to(dev)),
+        natoms=natoms.to(device=dev, dtype=torch.long),
+        cell=cell.to(device=dev, dtype=torch.float64),
+        pbc=pbc.to(device=dev, dtype=torch.bool),
+        r0=zeros_n3.clone(),
+        f0=zeros_n3.clone(),
+        s=torch.zeros(history_size, n, 3, dtype=torch.float64, device=dev),
+        y=torch.zeros(history_size, n, 3, dtype=torch.float64, device=dev),
+        rho=torch.zeros(s, history_size, dtype=torch.float64, device=dev),
+        head=torch.zeros(s, dtype=torch.long, device=dev),
+        count=torch.zeros(s, dtype=torch.long, device=dev),
+        iteration=torch.zeros(s, dtype=torch.long, device=dev),
+        max_count=0,
+    )
+
+
+def lbfgs_set_results(state: LBFGSState, energy: torch.Tensor, forces: torch.Tensor) -> LBFGSState:
+    """Store a potential evaluation at the current positions (in place; returns ``state``).
+
+    ``energy`` [S] eV and ``forces`` [N, 3] eV/Å are the raw potential outputs.
+    """
+    if energy.shape != (state.num_systems,) or forces.shape != (state.num_atoms, 3):
+        raise InputError(
+            f"potential returned energy {tuple(energy.shape)} and forces {tuple(forces.shape)}; "
+            f"expected ({state.num_systems},) and ({state.num_atoms}, 3)"
+        )
+    state.energy = energy.to(device=state.device, dtype=torch.float64)
+    state.forces = forces.to(device=state.device, dtype=torch.float64)
+    return state
+
+
+def segment_sum(values: torch.Tensor, system_idx: torch.Tensor, num_systems: int) -> torch.Tensor:
+    """Sum ``values`` [N] per system -> [S]."""
+    out = torch.zeros(num_systems, dtype=values.dtype, device=values.device)
+    return out.index_add_(0, system_idx, values)
+
+
+def segment_max(values: torch.Tensor, system_idx: torch.Tensor, num_systems: int) -> torch.Tensor:
+    """Maximum of ``values`` [N] per system -> [S] (NaN propagates)."""
+    out = torch.zeros(num_systems, dtype=values.dtype, device=values.device)
+    return out.scatter_reduce_(0, system_idx, values, reduce="amax", include_self=False)
+
+
+def system_fmax(state: LBFGSState) -> torch.Tensor:
+    """Largest per-atom norm of the constrained forces of each system, [S] eV/Å (ASE's fmax)."""
+    norms = torch.linalg.vector_norm(state.constrained_forces(), dim=1)
+    return segment_max(norms, state.system_idx, state.num_systems)
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor, state: LBFGSState) -> torch.Tensor:
+    """Per-system dot product of two [N, 3] fields -> [S]."""
+    return segment_sum((a * b).sum(dim=1), state.system_idx, state.num_systems)
+
+
+def _update_history(state: LBFGSState, g: torch.Tensor, guard: str) -> None:
+    """Append (s, y, rho) for systems that already took a step (ASE ``LBFGS.update``)."""
+    sys_idx = state.system_idx
+    ar_s = torch.arange(state.num_systems, device=state.device)
+    has_prev = state.iteration > 0  # [S]
+    s_new = state.positions - state.r0
+    y_new = g - (-state.f0)
+    ys = _dot(y_new, s_new, state)  # [S]
+    if guard == "none":
+        accept = has_prev
+    else:
+        accept = has_prev & (ys > 0)
+        if guard == "reset":
+            state.count = torch.where(has_prev & ~(ys > 0), torch.zeros_like(state.count), state.count)
+    acc_atom = accept[sys_idx][:, None]  # [N, 1]
+    slot_atom = state.head[sys_idx]  # [N]
+    ar_n = torch.arange(state.num_atoms, device=state.device)
+    state.s[slot_atom, ar_n] = torch.where(acc_atom, s_new, state.s[slot_atom, ar_n])
+    state.y[slot_atom, ar_n] = torch.where(acc_atom, y_new, state.y[slot_atom, ar_n])
+    state.rho[ar_s, state.head] = torch.where(accept, 1.0 / ys, state.rho[ar_s, state.head])
+    h = state.history_size
+    state.head = torch.where(accept, (state.head + 1) % h, state.head)
+    state.count = torch.where(accept, torch.clamp(state.count + 1, max=h), state.count)
+    state.max_count = min(h, state.max_count + 1)
+
+
+def _two_loop(state: LBFGSState, g: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Two-loop recursion per system: returns the search direction p = -H g, [N, 3]."""
+    h = state.history_size
+    sys_idx = state.system_idx
+    ar_n = torch.arange(state.num_atoms, device=state.device)
+    ar_s = torch.arange(state.num_systems, device=state.device)
+    q = g.clone()
+    saved = []
+    for k in range(state.max_count):  # newest -> oldest
+        slot = torch.remainder(state.head - 1 - k, h)  # [S]
+        rho_k = torch.where(k < state.count, state.rho[ar_s, slot], torch.zeros_like(state.rho[:, 0]))
+        s_k = state.s[slot[sys_idx], ar_n]
+        y_k = state.y[slot[sys_idx], ar_n]
+        a_k = rho_k * _dot(s_k, q, state)
+        q = q - a_k[sys_idx, None] * y_k
+        saved.append((rho_k, s_k, y_k, a_k))
+    z = q * (1.0 / alpha)
+    for rho_k, s_k, y_k, a_k in reversed(saved):  # oldest -> newest
+        b_k = rho_k * _dot(y_k, z, state)
+        z = z + s_k * (a_k - b_k)[sys_idx, None]
+    return -z
+
+
+def lbfgs_step(state: LBFGSState, params: LBFGSParams) -> LBFGSState:
+    """Take one L-BFGS step for every system of ``state`` (in place; returns ``state``).
+
+    Requires ``state.forces``/``state.energy`` evaluated at ``state.positions``. Follows
+    ``ase.optimize.LBFGS.step``: update the history with the pair from the previous step
+    (if any), compute ``p = -H g`` by the two-loop recursion with ``H0 = 1/alpha``, rescale
+    ``p`` per system so that its largest atomic displacement is at most ``maxstep`` Å, multiply
+    by ``damping``, and move. Fixed components never move (their displacement is exactly 0).
+    Afterwards ``r0``/``f0`` hold the old positions and constrained forces, ``iteration`` is
+    incremented, and ``forces``/``energy`` are stale until the next evaluation.
+    """
+    fc = state.constrained_forces()
+    g = -fc
+    _update_history(state, g, params.curvature_guard)
+    p = _two_loop(state, g, params.alpha)
+    p = torch.where(state.free, p, torch.zeros_like(p))
+    longest = segment_max(torch.linalg.vector_norm(p, dim=1), state.system_idx, state.num_systems)
+    scale = torch.where(
+        longest >= params.maxstep, params.maxstep / longest, torch.ones_like(longest)
+    )
+    dr = p * scale[state.system_idx, None] * params.damping
+    dr = torch.where(state.free, dr, torch.zeros_like(dr))
+    state.r0 = state.positions
+    state.f0 = fc
+    state.positions = state.positions + dr
+    state.iteration = state.iteration + 1
+    return state
