@@ -23,16 +23,23 @@ cell              [S, 3, 3] f64   lattice vectors as rows, Å
 pbc               [S, 3] bool     periodicity
 r0                [N, 3] f64      positions before the last step (``x_{k-1}``), Å
 f0                [N, 3] f64      constrained forces at ``r0``, eV/Å
-s, y              [H, N, 3] f64   history ring buffers: s = x_k - x_{k-1}, y = g_k - g_{k-1}
-                                  (g = -constrained forces); slot ``h`` of system ``b`` lives in
-                                  the rows of b's atoms
+rows              [N] int64       row of each atom in the shared :class:`HistoryBuffer`
+history           HistoryBuffer   ``sy`` [H, C, 2, 3] f64 ring buffers (C >= N rows):
+                                  ``sy[h, rows, 0]`` = s = x_k - x_{k-1} and ``sy[h, rows, 1]``
+                                  = y = g_k - g_{k-1} (g = -constrained forces) of slot h
 rho               [S, H] f64      1 / (y . s) per stored pair (0 for empty slots)
 head              [S] int64       ring slot the next accepted pair of each system is written to
 count             [S] int64       number of valid pairs per system (<= H)
 iteration         [S] int64       L-BFGS steps taken per system (ASE ``nsteps``)
 ================  ==============  ===============================================================
 
-``lbfgs_step`` updates ``state`` **in place** (no copy of the history buffers) and returns
+The (s, y) history lives in a :class:`HistoryBuffer` addressed by atom rows, shared by all
+states derived from one another: :meth:`LBFGSState.select` and :func:`concat_states` copy
+only the small per-atom and per-system fields, so systems can leave and join a batch without
+copying anybody's history (rows of finished systems are returned with
+:meth:`HistoryBuffer.release`).
+
+``lbfgs_step`` updates ``state`` (and its rows of the history buffer) **in place** and returns
 the same object. It needs ``forces``/``energy`` evaluated at the current positions; after it
 returns, ``positions`` hold the new (not yet evaluated) positions. The caller (the runner)
 evaluates the potential and stores the results with :func:`lbfgs_set_results`. Evaluation is
@@ -51,6 +58,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Literal, Sequence
 
+import numpy as np
 import torch
 
 from eqv2_calc.errors import InputError
@@ -103,14 +111,54 @@ class LBFGSParams:
             )
 
 
-PER_ATOM_FIELDS: tuple[str, ...] = ("positions", "forces", "free", "numbers", "r0", "f0")
+class HistoryBuffer:
+    """Row-addressed storage of the (s, y) history of many systems.
+
+    ``sy`` has shape [H, C, 2, 3] (float64): slot h, row r holds (s, y) of the atom stored in
+    row r. Rows are handed out by :meth:`allocate` and given back by :meth:`release`; the
+    buffer grows (one copy) when it runs out of rows.
+    """
+
+    def __init__(self, history_size: int, capacity: int, device: torch.device | str = "cpu") -> None:
+        if history_size < 1:
+            raise InputError(f"history_size must be >= 1, got {history_size}")
+        self.history_size = int(history_size)
+        self.sy = torch.zeros(self.history_size, max(1, capacity), 2, 3, dtype=torch.float64, device=device)
+        self._in_use = np.zeros(self.sy.shape[1], dtype=bool)
+
+    @property
+    def capacity(self) -> int:
+        return int(self.sy.shape[1])
+
+    @property
+    def rows_in_use(self) -> int:
+        return int(self._in_use.sum())
+
+    def allocate(self, n: int) -> np.ndarray:
+        """Reserve ``n`` zeroed rows; returns their indices (host int64 array)."""
+        free = np.flatnonzero(~self._in_use)
+        if len(free) < n:
+            grow = max(self.capacity, n - len(free))
+            extra = torch.zeros(self.history_size, grow, 2, 3, dtype=self.sy.dtype, device=self.sy.device)
+            self.sy = torch.cat([self.sy, extra], dim=1)
+            self._in_use = np.concatenate([self._in_use, np.zeros(grow, dtype=bool)])
+            free = np.flatnonzero(~self._in_use)
+        rows = free[:n]
+        self._in_use[rows] = True
+        self.sy[:, torch.as_tensor(rows, device=self.sy.device)] = 0.0
+        return rows
+
+    def release(self, rows: np.ndarray | Sequence[int]) -> None:
+        """Return rows of systems that left for good."""
+        self._in_use[np.asarray(rows, dtype=np.int64)] = False
+
+
+PER_ATOM_FIELDS: tuple[str, ...] = ("positions", "forces", "free", "numbers", "r0", "f0", "rows")
 """Fields whose first dimension is N."""
 PER_SYSTEM_FIELDS: tuple[str, ...] = (
     "energy", "natoms", "cell", "pbc", "rho", "head", "count", "iteration",
 )
 """Fields whose first dimension is S."""
-HISTORY_FIELDS: tuple[str, ...] = ("s", "y")
-"""Fields of shape [H, N, 3] (atom dimension 1)."""
 
 
 @dataclass(kw_only=True)
@@ -128,8 +176,8 @@ class LBFGSState:
     pbc: torch.Tensor
     r0: torch.Tensor
     f0: torch.Tensor
-    s: torch.Tensor
-    y: torch.Tensor
+    rows: torch.Tensor
+    history: HistoryBuffer
     rho: torch.Tensor
     head: torch.Tensor
     count: torch.Tensor
@@ -147,7 +195,7 @@ class LBFGSState:
 
     @property
     def history_size(self) -> int:
-        return int(self.s.shape[0])
+        return self.history.history_size
 
     @property
     def device(self) -> torch.device:
@@ -170,25 +218,26 @@ class LBFGSState:
         rows = offsets[sys_t][new_sys] + within
         out = {f: getattr(self, f)[rows] for f in PER_ATOM_FIELDS}
         out.update({f: getattr(self, f)[sys_t] for f in PER_SYSTEM_FIELDS})
-        out.update({f: getattr(self, f)[:, rows] for f in HISTORY_FIELDS})
-        return LBFGSState(system_idx=new_sys, max_count=self.max_count, **out)
+        return LBFGSState(system_idx=new_sys, history=self.history, max_count=self.max_count, **out)
 
 
 def concat_states(states: Sequence[LBFGSState]) -> LBFGSState:
-    """Concatenate states (same history size and device) into one; systems keep their order."""
+    """Concatenate states sharing one :class:`HistoryBuffer`; systems keep their order."""
     states = [s for s in states if s.num_systems > 0]
     if not states:
         raise InputError("concat_states needs at least one non-empty state")
     if len(states) == 1:
         return states[0]
-    h = {s.history_size for s in states}
-    if len(h) != 1:
-        raise InputError(f"cannot concatenate states with different history sizes {sorted(h)}")
+    if any(s.history is not states[0].history for s in states):
+        raise InputError(
+            "cannot concatenate states with different history buffers: create them with "
+            "lbfgs_init(..., history=<the same HistoryBuffer>)"
+        )
     out = {f: torch.cat([getattr(s, f) for s in states]) for f in PER_ATOM_FIELDS + PER_SYSTEM_FIELDS}
-    out.update({f: torch.cat([getattr(s, f) for s in states], dim=1) for f in HISTORY_FIELDS})
     offsets = torch.cumsum(torch.tensor([0] + [s.num_systems for s in states[:-1]]), 0)
     system_idx = torch.cat([s.system_idx + int(o) for s, o in zip(states, offsets)])
-    return LBFGSState(system_idx=system_idx, max_count=max(s.max_count for s in states), **out)
+    return LBFGSState(system_idx=system_idx, history=states[0].history,
+                      max_count=max(s.max_count for s in states), **out)
 
 
 def lbfgs_init(
@@ -199,7 +248,8 @@ def lbfgs_init(
     pbc: torch.Tensor,
     free: torch.Tensor,
     *,
-    history_size: int,
+    history_size: int | None = None,
+    history: HistoryBuffer | None = None,
 ) -> LBFGSState:
     """Create a state with empty history for systems that have not been evaluated yet.
 
@@ -216,7 +266,10 @@ def lbfgs_init(
     free:
         [N, 3] bool, False for fixed Cartesian components.
     history_size:
-        Number of history slots H (normally ``min(memory, steps)``, at least 1).
+        Number of history slots H (normally ``min(memory, steps)``, at least 1); used to
+        create a new :class:`HistoryBuffer` when ``history`` is not given.
+    history:
+        An existing buffer to take rows from (needed to :func:`concat_states` later).
 
     ``forces`` and ``energy`` are zero-filled placeholders; evaluate the potential and call
     :func:`lbfgs_set_results` before the first :func:`lbfgs_step`.
@@ -231,8 +284,14 @@ def lbfgs_init(
         )
     if int(natoms.sum()) != n:
         raise InputError(f"natoms sums to {int(natoms.sum())} but there are {n} atoms")
-    if history_size < 1:
-        raise InputError(f"history_size must be >= 1, got {history_size}")
+    if history is None:
+        if history_size is None:
+            raise InputError("lbfgs_init needs history_size or history")
+        history = HistoryBuffer(history_size, n, dev)
+    elif history_size is not None and history_size != history.history_size:
+        raise InputError(f"history_size={history_size} but the buffer has {history.history_size} slots")
+    rows = torch.as_tensor(history.allocate(n), dtype=torch.long, device=dev)
+    h = history.history_size
     zeros_n3 = torch.zeros(n, 3, dtype=torch.float64, device=dev)
     return LBFGSState(
         positions=pos.clone(),
@@ -246,9 +305,9 @@ def lbfgs_init(
         pbc=pbc.to(device=dev, dtype=torch.bool),
         r0=zeros_n3.clone(),
         f0=zeros_n3.clone(),
-        s=torch.zeros(history_size, n, 3, dtype=torch.float64, device=dev),
-        y=torch.zeros(history_size, n, 3, dtype=torch.float64, device=dev),
-        rho=torch.zeros(s, history_size, dtype=torch.float64, device=dev),
+        rows=rows,
+        history=history,
+        rho=torch.zeros(s, h, dtype=torch.float64, device=dev),
         head=torch.zeros(s, dtype=torch.long, device=dev),
         count=torch.zeros(s, dtype=torch.long, device=dev),
         iteration=torch.zeros(s, dtype=torch.long, device=dev),
@@ -308,11 +367,11 @@ def _update_history(state: LBFGSState, g: torch.Tensor, guard: str) -> None:
         accept = has_prev & (ys > 0)
         if guard == "reset":
             state.count = torch.where(has_prev & ~(ys > 0), torch.zeros_like(state.count), state.count)
-    acc_atom = accept[sys_idx][:, None]  # [N, 1]
+    acc_atom = accept[sys_idx][:, None, None]  # [N, 1, 1]
     slot_atom = state.head[sys_idx]  # [N]
-    ar_n = torch.arange(state.num_atoms, device=state.device)
-    state.s[slot_atom, ar_n] = torch.where(acc_atom, s_new, state.s[slot_atom, ar_n])
-    state.y[slot_atom, ar_n] = torch.where(acc_atom, y_new, state.y[slot_atom, ar_n])
+    sy = state.history.sy
+    old = sy[slot_atom, state.rows]  # [N, 2, 3]
+    sy[slot_atom, state.rows] = torch.where(acc_atom, torch.stack([s_new, y_new], dim=1), old)
     state.rho[ar_s, state.head] = torch.where(accept, 1.0 / ys, state.rho[ar_s, state.head])
     h = state.history_size
     state.head = torch.where(accept, (state.head + 1) % h, state.head)
@@ -324,15 +383,16 @@ def _two_loop(state: LBFGSState, g: torch.Tensor, alpha: float) -> torch.Tensor:
     """Two-loop recursion per system: returns the search direction p = -H g, [N, 3]."""
     h = state.history_size
     sys_idx = state.system_idx
-    ar_n = torch.arange(state.num_atoms, device=state.device)
     ar_s = torch.arange(state.num_systems, device=state.device)
+    sy = state.history.sy
+    head_atom = state.head[sys_idx]
     q = g.clone()
     saved = []
     for k in range(state.max_count):  # newest -> oldest
         slot = torch.remainder(state.head - 1 - k, h)  # [S]
         rho_k = torch.where(k < state.count, state.rho[ar_s, slot], torch.zeros_like(state.rho[:, 0]))
-        s_k = state.s[slot[sys_idx], ar_n]
-        y_k = state.y[slot[sys_idx], ar_n]
+        pair = sy[torch.remainder(head_atom - 1 - k, h), state.rows]  # [N, 2, 3]
+        s_k, y_k = pair[:, 0], pair[:, 1]
         a_k = rho_k * _dot(s_k, q, state)
         q = q - a_k[sys_idx, None] * y_k
         saved.append((rho_k, s_k, y_k, a_k))

@@ -1,0 +1,260 @@
+"""``eqv2 relax``: relax every frame of a structure file, resumably.
+
+Output directory layout (all files readable with ``ase.io`` or as plain CSV/JSON)::
+
+    OUT/run.json               settings of the run (a rerun with other settings is refused)
+    OUT/structures/<name>.extxyz   final structure of each finished input frame, written
+                                   atomically the moment it finishes (energy, raw forces,
+                                   constraints, relax_* info keys)
+    OUT/trajectories/<name>.traj   initial, every --save-every-th, and final frame
+    OUT/is2re.csv              relaxed energies of all frames (input order)
+    OUT/is2rs.extxyz           relaxed structures of all frames (input order)
+    OUT/summary.json           counts, utilization, wall time, metrics vs --reference
+
+``<name>`` is the zero-padded frame index. An interrupted run keeps every finished
+structure; rerunning the same command skips them (a structure counts as finished only if
+its stored input fingerprint matches the current input frame).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ase import Atoms
+
+from eqv2_calc.errors import InputError, RelaxationError
+from eqv2_calc.relax.constraints import free_mask
+from eqv2_calc.relax.io import atomic_write, result_atoms_for_output, write_is2re, write_is2rs
+from eqv2_calc.relax.lbfgs import CURVATURE_GUARDS, LBFGSParams
+from eqv2_calc.relax.runner import DEFAULT_MAX_FORCE, RelaxResult, RelaxStats, relax_batch
+
+ASE_CALCULATORS: dict[str, str] = {
+    "emt": "ase.calculators.emt:EMT",
+    "lj": "ase.calculators.lj:LennardJones",
+    "morse": "ase.calculators.morse:MorsePotential",
+}
+"""Built-in ASE calculators selectable with ``--calculator`` (no external programs needed)."""
+
+SETTINGS_KEYS: tuple[str, ...] = (
+    "potential", "fmax", "steps", "maxstep", "memory", "damping", "alpha", "curvature_guard",
+    "fix_tag0", "max_force",
+)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register the ``relax`` sub-command."""
+    p = subparsers.add_parser(
+        "relax",
+        help="relax all structures of a file with batched L-BFGS (IS2RS/IS2RE)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("input", help="any ase.io-readable file; every frame is relaxed")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="EquiformerV2 checkpoint (.pt) to use as the potential")
+    src.add_argument("--calculator", choices=sorted(ASE_CALCULATORS),
+                     help="use a built-in ASE calculator instead of a checkpoint (e.g. emt)")
+    p.add_argument("--out", required=True, help="output directory (created; reruns resume)")
+    p.add_argument("--fmax", type=float, default=0.05, help="force threshold, eV/Å (default 0.05)")
+    p.add_argument("--steps", type=int, default=300, help="max L-BFGS steps per structure (default 300)")
+    p.add_argument("--maxstep", type=float, default=0.2, help="max atomic displacement per step, Å (default 0.2)")
+    p.add_argument("--memory", type=int, default=100, help="L-BFGS memory (default 100)")
+    p.add_argument("--damping", type=float, default=1.0, help="step damping factor (default 1.0)")
+    p.add_argument("--alpha", type=float, default=70.0, help="initial Hessian guess, eV/Å² (default 70)")
+    p.add_argument("--curvature-guard", choices=CURVATURE_GUARDS, default="skip",
+                   help="pairs with y.s <= 0: skip (default), reset history, or none (exact ASE)")
+    p.add_argument("--max-atoms", type=int, default=None, help="atoms per potential call (default 4096)")
+    p.add_argument("--max-edges", type=int, default=None, help="edges per potential call (eqV2 only)")
+    p.add_argument("--fix-tag0", action="store_true", help="also fix atoms with tag 0 (OC20 convention)")
+    p.add_argument("--max-force", type=float, default=DEFAULT_MAX_FORCE,
+                   help=f"flag a structure failed above this free-atom force, eV/Å (default {DEFAULT_MAX_FORCE:g})")
+    p.add_argument("--save-every", type=int, default=0,
+                   help="also keep every n-th frame in the trajectories (default 0: initial+final)")
+    p.add_argument("--device", default=None, help="torch device for --checkpoint (default: cuda if available)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="model dtype for --checkpoint (default float32; the optimizer is float64)")
+    p.add_argument("--index", default=":", help="ase.io frame selection (default ':' = all)")
+    p.add_argument("--reference", default=None,
+                   help="reference relaxed structures (same frames, with energies) for IS2RE MAE and ADwT")
+    p.add_argument("--no-progress", action="store_true", help="disable the progress bar")
+    p.set_defaults(func=run_relax)
+    return p
+
+
+def _make_potential(args: argparse.Namespace) -> Any:
+    if args.calculator:
+        module, cls = ASE_CALCULATORS[args.calculator].split(":")
+        import importlib
+
+        return getattr(importlib.import_module(module), cls)()
+    import torch
+
+    from eqv2_calc import load_potential  # written by the model package
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return load_potential(args.checkpoint, device=device, dtype=getattr(torch, args.dtype))
+
+
+def fingerprint(atoms: Atoms, fix_tag0: bool = False) -> str:
+    """sha256 of what determines a relaxation: numbers, positions, cell, pbc, fixed mask."""
+    h = hashlib.sha256()
+    for arr in (atoms.numbers.astype(np.int64), atoms.get_positions().astype(np.float64),
+                np.asarray(atoms.get_cell(), dtype=np.float64), atoms.get_pbc().astype(bool),
+                free_mask(atoms, fix_tag0=fix_tag0)):
+        h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    pot = f"calculator:{args.calculator}" if args.calculator else f"checkpoint:{Path(args.checkpoint).resolve()}"
+    return {
+        "potential": pot, "fmax": args.fmax, "steps": args.steps, "maxstep": args.maxstep,
+        "memory": args.memory, "damping": args.damping, "alpha": args.alpha,
+        "curvature_guard": args.curvature_guard, "fix_tag0": bool(args.fix_tag0),
+        "max_force": args.max_force,
+    }
+
+
+def _check_run_file(out: Path, settings: dict[str, Any], input_path: str) -> None:
+    run_file = out / "run.json"
+    if run_file.exists():
+        old = json.loads(run_file.read_text())
+        diff = {k: (old.get("settings", {}).get(k), settings[k]) for k in SETTINGS_KEYS
+                if old.get("settings", {}).get(k) != settings[k]}
+        if diff:
+            raise RelaxationError(
+                f"{out} holds results of a run with other settings {diff} (old, new); "
+                "use another --out directory or delete it"
+            )
+    atomic_write(run_file, lambda tmp: Path(tmp).write_text(
+        json.dumps({"input": str(input_path), "settings": settings}, indent=1)))
+
+
+def result_from_file(path: Path, index: int) -> RelaxResult:
+    """Rebuild a :class:`RelaxResult` (without trajectory) from ``structures/<name>.extxyz``."""
+    import ase.io
+
+    atoms = ase.io.read(path, format="extxyz")
+    info = atoms.info
+    return RelaxResult(
+        index=index, name=str(info["relax_name"]), atoms=atoms,
+        energy=float(atoms.calc.results["energy"]) if atoms.calc else math.nan,
+        fmax=float(info["relax_fmax"]), nsteps=int(info["relax_nsteps"]),
+        converged=bool(info["relax_converged"]), failed=bool(info["relax_failed"]),
+        reason=str(info["relax_reason"]), initial_energy=float(info["relax_initial_energy"]),
+    )
+
+
+def run_relax(args: argparse.Namespace) -> int:
+    """Entry point of ``eqv2 relax`` (see module docstring)."""
+    import ase.io
+
+    out = Path(args.out)
+    try:
+        frames = ase.io.read(args.input, index=args.index)
+    except FileNotFoundError as exc:
+        raise InputError(f"input file not found: {args.input}") from exc
+    frames = frames if isinstance(frames, list) else [frames]
+    if not frames:
+        raise InputError(f"no structures in {args.input} (index {args.index!r})")
+    for f in frames:
+        f.calc = None
+    width = max(6, len(str(len(frames) - 1)))
+    names = [f"{i:0{width}d}" for i in range(len(frames))]
+    settings = _settings(args)
+    LBFGSParams(maxstep=args.maxstep, memory=args.memory, damping=args.damping,
+                alpha=args.alpha, curvature_guard=args.curvature_guard)  # validate early
+    out.mkdir(parents=True, exist_ok=True)
+    _check_run_file(out, settings, args.input)
+    sdir, tdir = out / "structures", out / "trajectories"
+    sdir.mkdir(exist_ok=True)
+
+    prints = [fingerprint(f, args.fix_tag0) for f in frames]
+    done: dict[int, RelaxResult] = {}
+    for i, name in enumerate(names):
+        path = sdir / f"{name}.extxyz"
+        if path.exists():
+            try:
+                res = result_from_file(path, i)
+                if res.atoms.info.get("relax_input_sha") == prints[i]:
+                    done[i] = res
+            except Exception:  # noqa: BLE001 - unreadable leftovers are simply recomputed
+                pass
+    todo = [i for i in range(len(frames)) if i not in done]
+    print(f"eqv2 relax: {len(frames)} structures, {len(done)} already finished, {len(todo)} to do",
+          file=sys.stderr)
+
+    def save(result: RelaxResult) -> None:
+        i = todo[result.index]
+        result.index, result.name = i, names[i]
+        atoms = result_atoms_for_output(result)
+        atoms.info["relax_input_sha"] = prints[i]
+        atomic_write(sdir / f"{names[i]}.extxyz",
+                     lambda tmp: ase.io.write(tmp, atoms, format="extxyz"), suffix=".extxyz")
+        done[i] = result
+
+    stats = RelaxStats()
+    if todo:
+        potential = _make_potential(args)
+        try:
+            relax_batch(
+                [frames[i] for i in todo], potential, fmax=args.fmax, steps=args.steps,
+                names=[names[i] for i in todo], max_atoms=args.max_atoms, max_edges=args.max_edges,
+                fix_tag0=args.fix_tag0, max_force=args.max_force, trajectory_dir=tdir,
+                save_every=args.save_every, progress=not args.no_progress, on_result=save,
+                stats=stats, maxstep=args.maxstep, memory=args.memory, damping=args.damping,
+                alpha=args.alpha, curvature_guard=args.curvature_guard,
+            )
+        except KeyboardInterrupt:
+            print(f"\neqv2 relax: interrupted; {len(done)} of {len(frames)} structures are finished "
+                  f"and kept in {sdir}; rerun the same command to resume", file=sys.stderr)
+            return 130
+    results = [done[i] for i in range(len(frames))]
+    write_is2re(out / "is2re.csv", results)
+    write_is2rs(out / "is2rs.extxyz", results)
+
+    summary: dict[str, Any] = {
+        "structures": len(results),
+        "resumed": len(frames) - len(todo),
+        "converged": sum(r.converged for r in results),
+        "failed": sum(r.failed for r in results),
+        "max_steps": sum(r.reason == "max_steps" for r in results),
+        "force_calls": sum(r.force_calls for r in results),
+        "this_run": {
+            "potential_calls": stats.potential_calls,
+            "system_evaluations": stats.system_evaluations,
+            "utilization": stats.utilization,
+            "oom_events": stats.oom_events,
+            "wall_time_s": stats.wall_time,
+        },
+    }
+    if args.reference:
+        summary["metrics"] = _metrics(results, args.reference, args.fix_tag0)
+    atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _metrics(results: list[RelaxResult], reference: str, fix_tag0: bool) -> dict[str, Any]:
+    import ase.io
+
+    from eqv2_calc.relax.metrics import adwt, energy_mae
+
+    refs = ase.io.read(reference, index=":")
+    if len(refs) != len(results):
+        raise InputError(f"--reference has {len(refs)} frames but the input has {len(results)}")
+    ok = [j for j, r in enumerate(results) if not r.failed]
+    metrics: dict[str, Any] = {"systems": len(ok)}
+    if ok and all(refs[j].calc is not None and "energy" in refs[j].calc.results for j in ok):
+        metrics["is2re_energy_mae_eV"] = energy_mae(
+            [results[j].energy for j in ok], [refs[j].get_potential_energy() for j in ok])
+    if ok:
+        metrics["is2rs_adwt"] = adwt([results[j].atoms for j in ok], [refs[j] for j in ok], fix_tag0=fix_tag0)
+    return metrics
