@@ -128,13 +128,24 @@ class EquiformerV2(nn.Module):
         self.register_buffer("force_mean", torch.tensor(0.0))
         self.register_buffer("force_std", torch.tensor(1.0))
         self.register_buffer("element_refs", torch.zeros(Z))
-        # derived constants (not saved)
-        self.register_buffer("mprimary", mprimary_index(L, M), persistent=False)
-        self.register_buffer("rescale", degree_rescale(L, M).float(), persistent=False)
-        self.register_buffer("edge_to_grid", edge_grid(L, M, cfg.grid_resolution)[0].float(), persistent=False)
-        self.register_buffer("edge_from_grid", edge_grid(L, M, cfg.grid_resolution)[1].float(), persistent=False)
-        self.register_buffer("node_to_grid", node_grid(L, cfg.grid_resolution)[0].float(), persistent=False)
-        self.register_buffer("node_from_grid", node_grid(L, cfg.grid_resolution)[1].float(), persistent=False)
+        self.reset_derived_buffers()
+
+    def reset_derived_buffers(self) -> None:
+        """(Re)compute the constant buffers (layout maps, degree rescale, S2 grids) exactly, in
+        float64, then cast them to the model's dtype and device. Not saved in state_dicts;
+        load_model swaps in the checkpoint's float32 S2 grids for float32 models, as fairchem
+        uses those."""
+        cfg, dtype, device = self.cfg, self.dtype, self.device
+        L, M = cfg.lmax, cfg.mmax
+        edge_to, edge_from = edge_grid(L, M, cfg.grid_resolution)
+        node_to, node_from = node_grid(L, cfg.grid_resolution)
+        consts = {
+            "rescale": degree_rescale(L, M), "edge_to_grid": edge_to, "edge_from_grid": edge_from,
+            "node_to_grid": node_to, "node_from_grid": node_from,
+        }
+        self.register_buffer("mprimary", mprimary_index(L, M).to(device), persistent=False)
+        for name, value in consts.items():
+            self.register_buffer(name, value.to(dtype=dtype, device=device), persistent=False)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -218,7 +218,7 @@ def _set_grids(model: EquiformerV2, grids: dict[str, torch.Tensor]) -> None:
     cfg = model.cfg
     perm = reduced_to_mprimary(cfg.lmax, cfg.mmax)
     for name, value in grids.items():
-        mat = value.reshape(-1, value.shape[-1]).float()
+        mat = value.reshape(-1, value.shape[-1]).to(model.dtype)
         if name.startswith("edge"):
             mat = mat[:, perm]
         target = getattr(model, f"{name}_grid")
@@ -266,9 +266,13 @@ def load_model(
             f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
             f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
         )
-    with torch.no_grad():
-        _set_grids(model, grids)
-    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    model = model.to(dtype=dtype)
+    if dtype == torch.float32:
+        with torch.no_grad():
+            _set_grids(model, grids)
+    else:  # float64: exact grids rather than the checkpoint's float32 copies
+        model.reset_derived_buffers()
+    model = model.to(device=device).eval().requires_grad_(False)
     convention = (
         "total energy (linear element references added)"
         if cfg.use_energy_lin_ref or refs is not None

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from vesin.torch import NeighborList
+from vesin_torch import NeighborList
 
 from eqv2_calc.errors import InputError
 from eqv2_calc.graph.batch import MIN_DISTANCE, AtomsBatch
