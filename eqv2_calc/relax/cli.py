@@ -3,12 +3,13 @@
 Output directory layout (all files readable with ``ase.io`` or as plain CSV/JSON)::
 
     OUT/run.json               settings of the run (a rerun with other settings is refused)
-    OUT/structures/<name>.extxyz   final structure of each finished input frame, written
-                                   atomically the moment it finishes (energy, raw forces,
-                                   constraints, relax_* info keys)
+    OUT/structures/<name>.traj final structure of each finished input frame (ASE .traj, exact
+                               float64), written atomically the moment it finishes (energy, raw
+                               forces, constraints, relax_* info keys)
     OUT/trajectories/<name>.traj   initial, every --save-every-th, and final frame
     OUT/is2re.csv              relaxed energies of all frames (input order)
-    OUT/is2rs.extxyz           relaxed structures of all frames (input order)
+    OUT/is2rs.extxyz           relaxed structures of all frames (input order; extxyz keeps 8
+                               decimals)
     OUT/summary.json           counts, utilization, wall time, metrics vs --reference
 
 ``<name>`` is the zero-padded frame index. An interrupted run keeps every finished
@@ -58,7 +59,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument("input", help="any ase.io-readable file; every frame is relaxed")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="EquiformerV2 checkpoint (.pt) to use as the potential")
+    src.add_argument("--checkpoint", help="EquiformerV2 checkpoint (file or official name) to use as the potential")
     src.add_argument("--calculator", choices=sorted(ASE_CALCULATORS),
                      help="use a built-in ASE calculator instead of a checkpoint (e.g. emt)")
     p.add_argument("--out", required=True, help="output directory (created; reruns resume)")
@@ -77,7 +78,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help=f"flag a structure failed above this free-atom force, eV/Å (default {DEFAULT_MAX_FORCE:g})")
     p.add_argument("--save-every", type=int, default=0,
                    help="also keep every n-th frame in the trajectories (default 0: initial+final)")
-    p.add_argument("--device", default=None, help="torch device for --checkpoint (default: cuda if available)")
+    p.add_argument("--device", default=None, help="torch device for --checkpoint (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="model dtype for --checkpoint (default float32; the optimizer is float64)")
     p.add_argument("--index", default=":", help="ase.io frame selection (default ':' = all)")
@@ -94,12 +95,9 @@ def _make_potential(args: argparse.Namespace) -> Any:
         import importlib
 
         return getattr(importlib.import_module(module), cls)()
-    import torch
+    from eqv2_calc.potential import load_potential
 
-    from eqv2_calc import load_potential  # written by the model package
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return load_potential(args.checkpoint, device=device, dtype=getattr(torch, args.dtype))
+    return load_potential(args.checkpoint, device=args.device or "auto", dtype=args.dtype)
 
 
 def fingerprint(atoms: Atoms, fix_tag0: bool = False) -> str:
@@ -138,10 +136,10 @@ def _check_run_file(out: Path, settings: dict[str, Any], input_path: str) -> Non
 
 
 def result_from_file(path: Path, index: int) -> RelaxResult:
-    """Rebuild a :class:`RelaxResult` (without trajectory) from ``structures/<name>.extxyz``."""
+    """Rebuild a :class:`RelaxResult` (without trajectory) from ``structures/<name>.traj``."""
     import ase.io
 
-    atoms = ase.io.read(path, format="extxyz")
+    atoms = ase.io.read(path, format="traj")
     info = atoms.info
     return RelaxResult(
         index=index, name=str(info["relax_name"]), atoms=atoms,
@@ -179,7 +177,7 @@ def run_relax(args: argparse.Namespace) -> int:
     prints = [fingerprint(f, args.fix_tag0) for f in frames]
     done: dict[int, RelaxResult] = {}
     for i, name in enumerate(names):
-        path = sdir / f"{name}.extxyz"
+        path = sdir / f"{name}.traj"
         if path.exists():
             try:
                 res = result_from_file(path, i)
@@ -196,8 +194,8 @@ def run_relax(args: argparse.Namespace) -> int:
         result.index, result.name = i, names[i]
         atoms = result_atoms_for_output(result)
         atoms.info["relax_input_sha"] = prints[i]
-        atomic_write(sdir / f"{names[i]}.extxyz",
-                     lambda tmp: ase.io.write(tmp, atoms, format="extxyz"), suffix=".extxyz")
+        atomic_write(sdir / f"{names[i]}.traj",
+                     lambda tmp: ase.io.write(tmp, atoms, format="traj"), suffix=".traj")
         done[i] = result
 
     stats = RelaxStats()

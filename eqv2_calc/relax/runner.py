@@ -251,7 +251,13 @@ class BatchRelaxer:
         self.sort_by_size = sort_by_size
         self.progress = progress
         self.on_result = on_result
-        self._edges_of = edge_counter(self.potential, self.device)
+        # edges are counted only when an edge budget is set (it costs a neighbour list each)
+        self._edges_of = edge_counter(self.potential, self.device) if max_edges is not None else None
+        if max_edges is not None and self._edges_of is None:
+            raise InputError(
+                f"max_edges={max_edges} needs a potential that can count edges (count_edges, e.g. "
+                f"EquiformerV2); {type(self.potential).__name__} has none: use max_atoms"
+            )
         self.stats = RelaxStats()
 
     # ------------------------------------------------------------------ input
