@@ -74,6 +74,7 @@ class SO2GraphAttention(EdgeEmbedding):
         msg, _ = self.so2_conv_2(msg)  # [E, Kr, Hn*Cv]
         alpha = self.alpha_act(self.alpha_norm(alpha_in.view(num_edges, self.num_heads, self.alpha_channels)))
         alpha = segment_softmax((alpha * self.alpha_dot).sum(-1), ctx.dst, ctx.num_nodes)  # [E, Hn]
-        msg = msg.view(num_edges, -1, self.num_heads, self.value_channels) * alpha[:, None, :, None]
-        msg = torch.bmm(ctx.rot_inv, msg.view(num_edges, msg.shape[1], -1))  # [E, K, Hn*Cv]
+        rows = msg.shape[1]
+        msg = msg.view(num_edges, rows, self.num_heads, self.value_channels) * alpha[:, None, :, None]
+        msg = torch.bmm(ctx.rot_inv, msg.view(num_edges, rows, self.num_heads * self.value_channels))
         return self.proj(ctx.aggregate(msg))
