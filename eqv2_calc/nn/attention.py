@@ -18,6 +18,26 @@ from eqv2_calc.nn.so2_conv import SO2Convolution
 from eqv2_calc.nn.so3_linear import SO3Linear
 
 
+S2_CHUNK = 4096
+"""Rows (edge × channel) per S2-activation chunk."""
+
+
+def s2_activation(x: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor) -> torch.Tensor:
+    """from_grid @ SiLU(to_grid @ x) per edge: x [E, R, C], to_grid [G, R], from_grid [R', G] → [E, R', C].
+
+    Done as two large GEMMs over all edges and channels ([E·C, R] @ [R, G]) rather than
+    E small ones.
+    """
+    num, rows, ch = x.shape
+    flat = x.transpose(1, 2).reshape(num * ch, rows)
+    out = flat.new_empty(num * ch, from_grid.shape[0])
+    # chunks keep the [chunk, G] grid values in cache and bound the peak memory
+    for start in range(0, num * ch, S2_CHUNK):
+        part = flat[start : start + S2_CHUNK]
+        torch.mm(F.silu(part @ to_grid.T), from_grid.T, out=out[start : start + S2_CHUNK])
+    return out.view(num, ch, -1).transpose(1, 2)
+
+
 def segment_softmax(logits: torch.Tensor, index: torch.Tensor, num_segments: int) -> torch.Tensor:
     """Softmax of logits [E, H] over the edges sharing ``index`` (their target); +1e-16 in the denominator."""
     seg_max = logits.new_zeros(num_segments, logits.shape[1]).scatter_reduce(
@@ -69,8 +89,7 @@ class SO2GraphAttention(EdgeEmbedding):
         msg, extras = self.so2_conv_1(msg, self.edge_features(ctx))
         n_alpha = self.num_heads * self.alpha_channels
         alpha_in, gate = extras[:, :n_alpha], extras[:, n_alpha:]
-        grid = F.silu(torch.matmul(to_grid, msg))  # [E, G, Ha]
-        msg = torch.cat([F.silu(gate)[:, None, :], torch.matmul(from_grid[1:], grid)], dim=1)
+        msg = torch.cat([F.silu(gate)[:, None, :], s2_activation(msg, to_grid, from_grid[1:])], dim=1)
         msg, _ = self.so2_conv_2(msg)  # [E, Kr, Hn*Cv]
         alpha = self.alpha_act(self.alpha_norm(alpha_in.view(num_edges, self.num_heads, self.alpha_channels)))
         alpha = segment_softmax((alpha * self.alpha_dot).sum(-1), ctx.dst, ctx.num_nodes)  # [E, Hn]

@@ -31,5 +31,8 @@ class GridFeedForward(nn.Module):
         """x [N, K, C]; to_grid [G, K], from_grid [K, G] (node grid) → [N, K, out]."""
         scalars = self.scalar_mlp(x[:, 0])
         h = self.so3_linear_1(x)
-        h = torch.matmul(from_grid[1:], self.grid_mlp(torch.matmul(to_grid, h)))  # [N, K-1, F]
+        num, rows, ch = h.shape
+        grid = to_grid @ h.transpose(0, 1).reshape(rows, num * ch)  # [G, N·F], one GEMM
+        grid = self.grid_mlp(grid.view(-1, num, ch))  # pointwise MLP over F
+        h = (from_grid[1:] @ grid.view(-1, num * ch)).view(rows - 1, num, ch).transpose(0, 1)
         return self.so3_linear_2(torch.cat([scalars[:, None, :], h], dim=1))

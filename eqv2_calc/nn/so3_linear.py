@@ -19,10 +19,10 @@ class SO3Linear(nn.Module):
         self.register_buffer("expand_index", torch.tensor(degrees(lmax)), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lmax = self.weight.shape[0] - 1
+        num, lmax = x.shape[0], self.weight.shape[0] - 1
         out = torch.cat(
             [
-                torch.matmul(x[:, l * l : (l + 1) ** 2, :], self.weight[l].T)
+                (x[:, l * l : (l + 1) ** 2].reshape(-1, x.shape[2]) @ self.weight[l].T).view(num, 2 * l + 1, -1)
                 for l in range(lmax + 1)
             ],
             dim=1,

@@ -1,0 +1,80 @@
+"""Times one energy+forces call of a checkpoint in *this* interpreter; prints one JSON line.
+
+Run by benchmarks/forward.py, with the project's venv (--impl eqv2) or the fairchem 1.10
+reference venv (--impl fairchem). Measures: min seconds over --repeat calls after a warm-up,
+peak RSS growth during the calls (MiB, over the RSS after loading and one warm-up call is
+*not* subtracted: growth is measured from the post-load RSS), and FLOPs of one call counted
+by torch.utils.flop_counter.
+"""
+
+import argparse
+import json
+import resource
+import sys
+import time
+
+import torch
+
+
+def rss_peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--impl", choices=["eqv2", "fairchem"], required=True)
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--structure", required=True, help="extxyz file with one structure")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from ase.io import read
+
+    atoms = read(args.structure)
+    if args.impl == "eqv2":
+        from eqv2_calc import EquiformerV2Calculator
+
+        calc = EquiformerV2Calculator(args.checkpoint, device="cpu")
+
+        def call():
+            calc.reset()
+            atoms.calc = calc
+            return atoms.get_potential_energy(), calc.results["forces"]
+    else:
+        import logging
+
+        logging.disable(logging.WARNING)
+        from fairchem.core.common.relaxation.ase_utils import OCPCalculator
+
+        calc = OCPCalculator(checkpoint_path=args.checkpoint, cpu=True, seed=0)
+        calc.trainer.model.eval()
+
+        def call():
+            calc.reset()
+            atoms.calc = calc
+            return atoms.get_potential_energy(), calc.results["forces"]
+
+    rss_loaded = rss_peak_mib()
+    energy, _ = call()  # warm-up
+    times = []
+    for _ in range(args.repeat):
+        t = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t)
+    rss_peak = rss_peak_mib()
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        call()
+    print(json.dumps({
+        "impl": args.impl, "natoms": len(atoms), "energy": float(energy), "seconds_min": min(times),
+        "seconds_all": times, "rss_loaded_mib": rss_loaded, "rss_peak_mib": rss_peak,
+        "gflop": counter.get_total_flops() / 1e9, "torch": torch.__version__, "threads": torch.get_num_threads(),
+    }))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Speed and memory of one energy+forces call: eqv2-calc vs. the fairchem 1.10 reference.
+
+For the 31M EquiformerV2 architecture (random weights in the official file layout) on
+(a) the 38-atom Cu(111)+CO slab of the parity fixtures and (b) an OC20-sized
+Pt(111) 4×4×4 + CO slab (66 atoms), prints seconds per call (min of --repeat after a
+warm-up), peak RSS growth, GFLOP per call (torch.utils.flop_counter), achieved GFLOP/s and
+the GFLOP/s of a 2048³ float32 matmul measured in the same run. Each measurement runs in
+its own process; the reference runs in the reference venv when it exists
+(../shared/reference/setup_refvenv.sh, default /tmp/eqv2-refvenv).
+
+usage: python benchmarks/forward.py [--checkpoint PATH] [--refvenv DIR] [--repeat N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+def matmul_gflops(n: int = 2048, repeat: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeat))
+    return 2 * n**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def structures(tmp: Path) -> dict[str, Path]:
+    from ase.build import add_adsorbate, fcc111, molecule
+    from ase.io import read, write
+
+    names = json.loads((ROOT / "tests/data/structure_names.json").read_text())
+    cu = read(ROOT / "tests/data/structures.extxyz", index=names.index("Cu111_CO"))
+    pt = fcc111("Pt", size=(4, 4, 4), vacuum=10.0)
+    add_adsorbate(pt, molecule("CO"), 1.9, "ontop")
+    pt.pbc = True
+    out = {"(a) Cu(111)+CO": tmp / "cu.extxyz", "(b) Pt(111) 4x4x4+CO": tmp / "pt.extxyz"}
+    write(out["(a) Cu(111)+CO"], cu)
+    write(out["(b) Pt(111) 4x4x4+CO"], pt)
+    return out
+
+
+def run_worker(python: str, impl: str, ckpt: Path, structure: Path, repeat: int) -> dict | None:
+    cmd = [python, str(HERE / "_forward_worker.py"), "--impl", impl, "--checkpoint", str(ckpt),
+           "--structure", str(structure), "--repeat", str(repeat)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        print(f"  {impl} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(lines[-1])
+
+
+def get_checkpoint(arg: str | None, tmp: Path) -> Path:
+    if arg:
+        return Path(arg)
+    from eqv2_calc.checkpoint.random_init import make_random_checkpoint
+
+    path = tmp / "eqv2_31M_seed0.pt"
+    make_random_checkpoint("31M", seed=0, path=path)
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", help="a 31M checkpoint (default: generated from seed 0)")
+    ap.add_argument("--refvenv", default=os.environ.get("EQV2_REFVENV", "/tmp/eqv2-refvenv"))
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args()
+    ref_python = Path(args.refvenv) / "bin" / "python"
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        ckpt = get_checkpoint(args.checkpoint, tmp)
+        peak = matmul_gflops()
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+              f"float32 matmul 2048^3: {peak:.0f} GFLOP/s\n")
+        header = f"{'structure':24s} {'impl':9s} {'s/call':>8s} {'GFLOP':>7s} {'GFLOP/s':>8s} {'%peak':>6s} {'peak RSS MiB':>13s} {'RSS growth':>11s}"
+        print(header)
+        print("-" * len(header))
+        for label, path in structures(tmp).items():
+            rows = {"eqv2": run_worker(sys.executable, "eqv2", ckpt, path, args.repeat)}
+            if ref_python.exists():
+                rows["fairchem"] = run_worker(str(ref_python), "fairchem", ckpt, path, args.repeat)
+            for impl, r in rows.items():
+                if r is None:
+                    continue
+                rate = r["gflop"] / r["seconds_min"]
+                print(f"{label:24s} {impl:9s} {r['seconds_min']:8.3f} {r['gflop']:7.1f} {rate:8.1f} "
+                      f"{100 * rate / peak:5.0f}% {r['rss_peak_mib']:13.0f} {r['rss_peak_mib'] - r['rss_loaded_mib']:11.0f}")
+            if rows.get("fairchem") and rows.get("eqv2"):
+                a, b = rows["eqv2"], rows["fairchem"]
+                print(f"{'':24s} {'ratio':9s} speed-up {b['seconds_min'] / a['seconds_min']:.2f}x, "
+                      f"RSS growth {a['rss_peak_mib'] - a['rss_loaded_mib']:.0f} vs "
+                      f"{b['rss_peak_mib'] - b['rss_loaded_mib']:.0f} MiB, |dE| = {abs(a['energy'] - b['energy']):.2e} eV")
+        print(f"\nmatmul re-measured after the runs: {matmul_gflops():.0f} GFLOP/s (noise check)")
+
+
+if __name__ == "__main__":
+    main()
