@@ -66,6 +66,10 @@ def main() -> None:
     rss_peak = rss_peak_mib()
     from torch.utils.flop_counter import FlopCounterMode
 
+    if args.impl == "fairchem":
+        # FlopCounterMode's module hooks fail on fairchem's autograd-enabled forward; the
+        # documented switch `direct_forces` turns that off without changing the computation.
+        calc.trainer.model.direct_forces = 1
     with FlopCounterMode(display=False) as counter:
         call()
     print(json.dumps({

@@ -34,7 +34,7 @@ def s2_activation(x: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tenso
     # chunks keep the [chunk, G] grid values in cache and bound the peak memory
     for start in range(0, num * ch, S2_CHUNK):
         part = flat[start : start + S2_CHUNK]
-        torch.mm(F.silu(part @ to_grid.T), from_grid.T, out=out[start : start + S2_CHUNK])
+        torch.mm(F.silu(part @ to_grid.T, inplace=True), from_grid.T, out=out[start : start + S2_CHUNK])
     return out.view(num, ch, -1).transpose(1, 2)
 
 
@@ -84,7 +84,7 @@ class SO2GraphAttention(EdgeEmbedding):
     ) -> torch.Tensor:
         """x [N, K, C]; to_grid [G, Kr], from_grid [Kr, G] (edge-frame grid) → [N, K, out]."""
         num_edges = ctx.src.shape[0]
-        msg = torch.cat([x[ctx.src], x[ctx.dst]], dim=2)  # [E, K, 2C]
+        msg = torch.cat([x.index_select(0, ctx.src), x.index_select(0, ctx.dst)], dim=2)  # [E, K, 2C]
         msg = torch.bmm(ctx.rot, msg)  # [E, Kr, 2C]
         msg, extras = self.so2_conv_1(msg, self.edge_features(ctx))
         n_alpha = self.num_heads * self.alpha_channels
