@@ -28,7 +28,8 @@ class ASECalculatorPotential:
     Each structure is then evaluated exactly as in a sequential ASE run: calculators with
     internal state (EMT's neighbour list with skin) update incrementally instead of
     rebuilding for every call. Third-party and file-based calculators are shared, never
-    copied (a copy could duplicate a model or clash on files).
+    copied (a copy could duplicate a model or clash on files); ``copy_calculator`` overrides
+    this choice.
 
     The runner calls :meth:`attach` when a structure joins, :meth:`evaluate` with the keys of
     the structures in batch order, and :meth:`release` when a structure leaves. Calling the
@@ -36,12 +37,12 @@ class ASECalculatorPotential:
     :class:`~eqv2_calc.potential.ASEPotential` behaviour.
     """
 
-    def __init__(self, calc: BaseCalculator) -> None:
+    def __init__(self, calc: BaseCalculator, copy_calculator: bool | None = None) -> None:
         self.calc = calc
         self.device = torch.device("cpu")
         self._fallback = ASEPotential(calc)
         self._slots: dict[Hashable, Atoms] = {}
-        self.copies_calculator = _cheap_to_copy(calc)
+        self.copies_calculator = _cheap_to_copy(calc) if copy_calculator is None else copy_calculator
 
     def attach(self, key: Hashable, atoms: Atoms) -> None:
         """Start tracking ``atoms`` (a private copy without constraints) under ``key``."""
@@ -74,18 +75,22 @@ class ASECalculatorPotential:
 
 
 def _cheap_to_copy(calc: BaseCalculator) -> bool:
-    """ASE's own in-memory calculators (EMT, LennardJones, Morse, ...) are copied per
-    structure; file-based and third-party calculators are shared."""
+    """ASE's own in-memory calculators (EMT, LennardJones, Morse, ... and subclasses of them)
+    are copied per structure; file-based and third-party calculators are shared."""
     from ase.calculators.calculator import FileIOCalculator
 
     try:
         from ase.calculators.genericfileio import GenericFileIOCalculator
     except ImportError:  # pragma: no cover - old ASE
         GenericFileIOCalculator = FileIOCalculator  # type: ignore[misc,assignment]
-    module = type(calc).__module__
-    return module.startswith("ase.calculators.") and not isinstance(
-        calc, (FileIOCalculator, GenericFileIOCalculator)
-    )
+    if isinstance(calc, (FileIOCalculator, GenericFileIOCalculator)):
+        return False
+    base_modules = ("ase.calculators.calculator", "ase.calculators.abc", "ase.calculators.genericfileio")
+    for cls in type(calc).__mro__:
+        if cls.__module__.startswith("ase.calculators."):
+            # the first ASE class in the hierarchy: a concrete ASE calculator, or just a base class?
+            return cls.__module__ not in base_modules
+    return False
 
 
 def resolve_potential(obj: Any) -> Potential:

@@ -380,25 +380,37 @@ def _update_history(state: LBFGSState, g: torch.Tensor, guard: str) -> None:
 
 
 def _two_loop(state: LBFGSState, g: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Two-loop recursion per system: returns the search direction p = -H g, [N, 3]."""
-    h = state.history_size
-    sys_idx = state.system_idx
-    ar_s = torch.arange(state.num_systems, device=state.device)
-    sy = state.history.sy
-    head_atom = state.head[sys_idx]
+    """Two-loop recursion per system: returns the search direction p = -H g, [N, 3].
+
+    Loops over the K = ``state.max_count`` most recent slots. Slots a system does not have
+    (k >= count) get rho = 0, so they add exact zeros and a system's numbers do not depend on
+    the history length of its batch mates.
+    """
+    h, k_max = state.history_size, state.max_count
+    sys_idx, rows = state.system_idx, state.rows
+    zeros_s = torch.zeros(state.num_systems, dtype=torch.float64, device=state.device)
+    ages = torch.arange(k_max, device=state.device)
+    slot = torch.remainder(state.head[None, :] - 1 - ages[:, None], h)  # [K, S]
+    rho = torch.where(ages[:, None] < state.count[None, :],
+                      state.rho.T.gather(0, slot), torch.zeros((), dtype=torch.float64, device=state.device))
+    slot_atom = slot[:, sys_idx]  # [K, N]
+    buf = state.history.sy
+
+    def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # per-system a . b -> [S]
+        return zeros_s.index_add(0, sys_idx, torch.linalg.vecdot(a, b))
+
     q = g.clone()
     saved = []
-    for k in range(state.max_count):  # newest -> oldest
-        slot = torch.remainder(state.head - 1 - k, h)  # [S]
-        rho_k = torch.where(k < state.count, state.rho[ar_s, slot], torch.zeros_like(state.rho[:, 0]))
-        pair = sy[torch.remainder(head_atom - 1 - k, h), state.rows]  # [N, 2, 3]
+    for k in range(k_max):  # newest -> oldest
+        pair = buf[slot_atom[k], rows]  # [N, 2, 3]
         s_k, y_k = pair[:, 0], pair[:, 1]
-        a_k = rho_k * _dot(s_k, q, state)
+        a_k = rho[k] * dot(s_k, q)
         q = q - a_k[sys_idx, None] * y_k
-        saved.append((rho_k, s_k, y_k, a_k))
+        saved.append((s_k, y_k, a_k))
     z = q * (1.0 / alpha)
-    for rho_k, s_k, y_k, a_k in reversed(saved):  # oldest -> newest
-        b_k = rho_k * _dot(y_k, z, state)
+    for k in range(k_max - 1, -1, -1):  # oldest -> newest
+        s_k, y_k, a_k = saved[k]
+        b_k = rho[k] * dot(y_k, z)
         z = z + s_k * (a_k - b_k)[sys_idx, None]
     return -z
 
