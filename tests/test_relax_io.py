@@ -201,16 +201,22 @@ def test_cli_with_checkpoint(tmp_path):
     from eqv2_calc.cli import main
 
     rc = main(["relax", str(inp), "--checkpoint", str(DATA / "eqv2_tiny_l4m2.pt"), "--out", str(out),
-               "--steps", "2", "--device", "cpu", "--no-progress"])
+               "--steps", "1", "--device", "cpu", "--no-progress"])
     assert rc == 0
     [row] = read_is2re(out / "is2re.csv")
-    assert row["nsteps"] == 2 and np.isfinite(row["energy"])
+    assert row["nsteps"] == 1 and np.isfinite(row["energy"])
     # the potential the CLI built is the documented public one
     from eqv2_calc.potential import load_potential
 
     pot = load_potential(DATA / "eqv2_tiny_l4m2.pt", device="cpu")
-    [res] = relax_batch(read(inp, index=":"), pot, steps=2, progress=False)
+    [res] = relax_batch(read(inp, index=":"), pot, steps=1, progress=False)
     assert res.energy == pytest.approx(row["energy"], abs=1e-6)
+    # an EquiformerV2Calculator is used through its batched potential, with the same result
+    from eqv2_calc import EquiformerV2Calculator
+
+    calc = EquiformerV2Calculator(DATA / "eqv2_tiny_l4m2.pt", device="cpu")
+    [res_calc] = relax_batch(read(inp, index=":"), calc, steps=1, progress=False)
+    assert res_calc.energy == pytest.approx(res.energy, abs=1e-6)
 
 
 def test_cli_rejects_missing_input(tmp_path):

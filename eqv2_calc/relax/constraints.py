@@ -17,14 +17,6 @@ from eqv2_calc.errors import InputError
 SUPPORTED_CONSTRAINTS: tuple[str, ...] = ("FixAtoms", "FixCartesian")
 
 
-def _indices(index: np.ndarray, natoms: int) -> np.ndarray:
-    """Constraint indices as an int array (accepts a boolean mask as well)."""
-    arr = np.asarray(index)
-    if arr.dtype == bool:
-        return np.flatnonzero(arr)
-    return arr.astype(int).reshape(-1)
-
-
 def free_mask(atoms: Atoms, *, fix_tag0: bool = False, index: int | None = None) -> np.ndarray:
     """Return a [n_atoms, 3] bool array, False where a Cartesian component is fixed.
 
@@ -42,12 +34,12 @@ def free_mask(atoms: Atoms, *, fix_tag0: bool = False, index: int | None = None)
     where = "" if index is None else f" (structure {index})"
     free = np.ones((len(atoms), 3), dtype=bool)
     for c in atoms.constraints:
-        if isinstance(c, FixCartesian):
-            # FixCartesian.mask: 3 bools (True = fixed) applied to every index
-            idx = _indices(c.index, len(atoms))
-            free[idx] &= ~np.broadcast_to(np.asarray(c.mask, dtype=bool), (len(idx), 3))
-        elif isinstance(c, FixAtoms):
-            free[_indices(c.index, len(atoms))] = False
+        if isinstance(c, (FixAtoms, FixCartesian)):
+            # ask ASE itself which components the constraint zeroes (robust to the meaning of
+            # FixCartesian.mask changing between ASE versions)
+            probe = np.ones((len(atoms), 3))
+            c.adjust_forces(atoms, probe)
+            free &= probe != 0.0
         else:
             raise InputError(
                 f"unsupported constraint {type(c).__name__}{where}; the relaxer supports "
