@@ -27,7 +27,7 @@ class SO2MConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[E, 2, n·Cin] (+m half, −m half) → [E, 2n, Cout]."""
-        y = self.fc(x.reshape(-1, x.shape[-1])).view(x.shape[0], 2, -1)  # 2-D GEMM, not a batched one
+        y = self.fc(x.reshape(-1, x.shape[-1])).view(x.shape[0], 2, self.fc.out_features)  # 2-D GEMM
         half = self.n * self.out_channels
         real, imag = y[..., :half], y[..., half:]
         pos = real[:, 0] - imag[:, 1]
