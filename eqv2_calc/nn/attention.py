@@ -30,12 +30,15 @@ def s2_activation(x: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tenso
     """
     num, rows, ch = x.shape
     flat = x.transpose(1, 2).reshape(num * ch, rows)
+    if torch.is_grad_enabled() and (x.requires_grad or to_grid.requires_grad or from_grid.requires_grad):
+        # training: differentiable path (``mm(out=...)`` and in-place SiLU do not support autograd)
+        return (F.silu(flat @ to_grid.T) @ from_grid.T).view(num, ch, from_grid.shape[0]).transpose(1, 2)
     out = flat.new_empty(num * ch, from_grid.shape[0])
     # chunks keep the [chunk, G] grid values in cache and bound the peak memory
     for start in range(0, num * ch, S2_CHUNK):
         part = flat[start : start + S2_CHUNK]
         torch.mm(F.silu(part @ to_grid.T, inplace=True), from_grid.T, out=out[start : start + S2_CHUNK])
-    return out.view(num, ch, -1).transpose(1, 2)
+    return out.view(num, ch, from_grid.shape[0]).transpose(1, 2)
 
 
 def segment_softmax(logits: torch.Tensor, index: torch.Tensor, num_segments: int) -> torch.Tensor:
