@@ -145,7 +145,7 @@ class HistoryBuffer:
             free = np.flatnonzero(~self._in_use)
         rows = free[:n]
         self._in_use[rows] = True
-        self.sy[:, torch.as_tensor(rows, device=self.sy.device)] = 0.0
+        self.sy.index_fill_(1, torch.as_tensor(rows, dtype=torch.long, device=self.sy.device), 0.0)
         return rows
 
     def release(self, rows: np.ndarray | Sequence[int]) -> None:
@@ -206,18 +206,22 @@ class LBFGSState:
         return torch.where(self.free, self.forces, torch.zeros_like(self.forces))
 
     def select(self, systems: torch.Tensor | Sequence[int]) -> "LBFGSState":
-        """Return a new state holding only ``systems`` (indices into 0..S-1, in that order)."""
-        sys_t = torch.as_tensor(systems, dtype=torch.long, device=self.device)
-        offsets = torch.cumsum(self.natoms, 0) - self.natoms
-        nat = self.natoms[sys_t]
-        # atom rows of the selected systems, in the order given
-        new_sys = torch.repeat_interleave(torch.arange(len(sys_t), device=self.device), nat)
-        within = torch.arange(int(nat.sum()), device=self.device) - (
-            torch.cumsum(nat, 0) - nat
-        )[new_sys]
-        rows = offsets[sys_t][new_sys] + within
-        out = {f: getattr(self, f)[rows] for f in PER_ATOM_FIELDS}
+        """Return a new state holding only ``systems`` (indices into 0..S-1, in that order).
+
+        Copies the per-atom and per-system fields; the history buffer is shared, not copied.
+        """
+        sys_np = np.asarray(torch.as_tensor(systems).cpu(), dtype=np.int64).reshape(-1)
+        natoms = self.natoms.cpu().numpy()
+        offsets = np.cumsum(natoms) - natoms
+        nat = natoms[sys_np]
+        # atom rows of the selected systems, in the order given (host index arithmetic)
+        rows = np.concatenate([np.arange(o, o + n) for o, n in zip(offsets[sys_np], nat)]) \
+            if len(sys_np) else np.zeros(0, dtype=np.int64)
+        rows_t = torch.as_tensor(rows, dtype=torch.long, device=self.device)
+        sys_t = torch.as_tensor(sys_np, dtype=torch.long, device=self.device)
+        out = {f: getattr(self, f)[rows_t] for f in PER_ATOM_FIELDS}
         out.update({f: getattr(self, f)[sys_t] for f in PER_SYSTEM_FIELDS})
+        new_sys = torch.as_tensor(np.repeat(np.arange(len(sys_np)), nat), dtype=torch.long, device=self.device)
         return LBFGSState(system_idx=new_sys, history=self.history, max_count=self.max_count, **out)
 
 
@@ -299,7 +303,9 @@ def lbfgs_init(
         energy=torch.zeros(s, dtype=torch.float64, device=dev),
         free=free.to(device=dev, dtype=torch.bool),
         numbers=numbers.to(device=dev, dtype=torch.long),
-        system_idx=torch.repeat_interleave(torch.arange(s, device=dev), natoms.to(dev)),
+        system_idx=torch.as_tensor(
+            np.repeat(np.arange(s), natoms.cpu().numpy()), dtype=torch.long, device=dev
+        ),
         natoms=natoms.to(device=dev, dtype=torch.long),
         cell=cell.to(device=dev, dtype=torch.float64),
         pbc=pbc.to(device=dev, dtype=torch.bool),
