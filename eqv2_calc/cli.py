@@ -9,8 +9,10 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eqv2", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    from eqv2_calc import predict_cli
     from eqv2_calc.relax import cli as relax_cli
 
+    predict_cli.add_parser(sub)
     relax_cli.add_parser(sub)
     return parser
 

@@ -1,0 +1,53 @@
+"""``eqv2 info`` and ``eqv2 predict``: inspect a checkpoint, or evaluate structures from a file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from eqv2_calc.errors import Eqv2Error
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    info = sub.add_parser("info", help="print a checkpoint's metadata (architecture, energy convention, cutoff, ...)")
+    info.add_argument("checkpoint", help="checkpoint file or official name")
+    info.set_defaults(func=run_info)
+
+    pred = sub.add_parser("predict", help="energies and forces of every structure in a file")
+    pred.add_argument("input", help="any file ase.io can read (all frames are used)")
+    pred.add_argument("--checkpoint", default=None, help="checkpoint file or official name (default: shipped model)")
+    pred.add_argument("--out", required=True, help="output file (extxyz with energy and forces per frame)")
+    pred.add_argument("--device", default="auto")
+    pred.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    pred.add_argument("--max-atoms", type=int, default=2000, help="atoms per model call")
+    pred.set_defaults(func=run_predict)
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from eqv2_calc.checkpoint import load_model
+
+    try:
+        _, meta = load_model(args.checkpoint)
+    except Eqv2Error as exc:
+        raise SystemExit(f"eqv2 info: {exc}")
+    print(json.dumps({**meta.to_dict(), "config": meta.config}, indent=2))
+    return 0
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io import read, write
+
+    from eqv2_calc.calculator import EquiformerV2Calculator
+
+    try:
+        frames = read(args.input, ":")
+        calc = EquiformerV2Calculator(args.checkpoint, device=args.device, dtype=args.dtype)
+        results = calc.predict_batch(frames, max_atoms=args.max_atoms, progress=True)
+    except Eqv2Error as exc:
+        raise SystemExit(f"eqv2 predict: {exc}")
+    for atoms, res in zip(frames, results):
+        atoms.calc = SinglePointCalculator(atoms, energy=res["energy"], forces=res["forces"])
+    write(args.out, frames, format="extxyz")
+    print(f"wrote {len(frames)} structures to {args.out}")
+    return 0
