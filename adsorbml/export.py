@@ -1,0 +1,315 @@
+"""Ranking of ML-relaxed placements, top-k export for DFT, and import of DFT single points.
+
+Layout written by :func:`export_top_k` (one directory per system)::
+
+    <out>/<system_id>/top_k.extxyz            the k structures, best first (info: system_id,
+                                              config_id, rank, ml_energy)
+    <out>/<system_id>/<config_id>/POSCAR      atoms in the adslab's order (sort=False), Cartesian,
+                                              selective dynamics from FixAtoms
+    <out>/<system_id>/<config_id>/INCAR       OC20 flags + single-point settings (NSW 0, NELM 300)
+    <out>/<system_id>/<config_id>/KPOINTS     OC20 surface rule (Monkhorst-Pack)
+    <out>/paths.txt                           one calculation directory per line
+
+POTCARs are licensed and not written: concatenate them in the order of the POSCAR's species
+line (which may repeat an element, because the atom order is kept so results map back
+one-to-one).
+
+OC20 VASP settings (fairchem-data-oc ``VASP_FLAGS``; RPBE): IBRION 2, ISIF 0, ISPIN 1,
+ISYM 0, LREAL Auto, EDIFFG −0.03, SYMPREC 1e-10, ENCUT 350, LAECHG False, LWAVE False,
+NCORE 4, GGA RP (PBE PAW potentials). AdsorbML single points add NSW 0 and NELM 300.
+K-points: (max(1, round(40/‖a‖∞)), max(1, round(40/‖b‖∞)), 1), with the infinity norm of the
+cell rows as in ``calculate_surface_k_points``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+from ase import Atoms
+from ase.io import read, write
+
+from adsorbml.errors import InputError
+
+__all__ = [
+    "MLResult",
+    "rank_valid",
+    "OC20_VASP_FLAGS",
+    "SINGLE_POINT_FLAGS",
+    "surface_kpoints",
+    "incar_text",
+    "kpoints_text",
+    "write_vasp_inputs",
+    "export_top_k",
+    "DFTResult",
+    "read_vasp_single_point",
+    "count_vasp_steps",
+    "run_single_points",
+]
+
+OC20_VASP_FLAGS: dict[str, Any] = {
+    "IBRION": 2,
+    "NSW": 2000,
+    "ISIF": 0,
+    "ISPIN": 1,
+    "ISYM": 0,
+    "LREAL": "Auto",
+    "EDIFFG": -0.03,
+    "SYMPREC": 1e-10,
+    "ENCUT": 350,
+    "LAECHG": False,
+    "LWAVE": False,
+    "NCORE": 4,
+    "GGA": "RP",
+}
+SINGLE_POINT_FLAGS: dict[str, Any] = {"NSW": 0, "NELM": 300}
+KPOINT_MULTIPLIER = 40.0  # Å
+
+
+@dataclass
+class MLResult:
+    """One ML-relaxed placement.
+
+    Attributes
+    ----------
+    config_id:
+        Placement id (``"heur0"``, ``"rand12"``).
+    atoms:
+        Relaxed adslab (Å; tags 0/1/2).
+    ml_energy:
+        ML energy of ``atoms`` (eV); the quantity ranked on.
+    anomaly:
+        ``"ok"`` or the anomalous checks, comma-separated (see :mod:`adsorbml.anomalies`).
+    converged:
+        Whether the relaxation reached fmax.
+    """
+
+    config_id: str
+    atoms: Atoms
+    ml_energy: float
+    anomaly: str = "ok"
+    converged: bool = True
+    info: dict = field(default_factory=dict)
+
+
+def rank_valid(results: Iterable[MLResult], k: int | None = None) -> list[MLResult]:
+    """Non-anomalous results with a finite ML energy, ascending in energy (ties by config_id).
+
+    Non-converged relaxations are kept (AdsorbML uses the last frame). Returns at most ``k``.
+    """
+    valid = [r for r in results if r.anomaly == "ok" and math.isfinite(float(r.ml_energy))]
+    valid.sort(key=lambda r: (float(r.ml_energy), r.config_id))
+    if k is not None:
+        if k < 1:
+            raise InputError(f"k must be >= 1, got {k}")
+        valid = valid[:k]
+    return valid
+
+
+def _right_handed(atoms: Atoms) -> Atoms:
+    """Swap a and b if the cell is left-handed (VASP requires a positive triple product)."""
+    a = atoms.copy()
+    if np.linalg.det(np.asarray(a.cell)) < 0:
+        cell = np.asarray(a.cell).copy()
+        a.set_cell(cell[[1, 0, 2]], scale_atoms=False)
+    return a
+
+
+def surface_kpoints(atoms: Atoms, multiplier: float = KPOINT_MULTIPLIER) -> tuple[int, int, int]:
+    """OC20 k-point mesh for a slab: (max(1, round(40/‖a‖∞)), max(1, round(40/‖b‖∞)), 1)."""
+    cell = np.asarray(atoms.cell)
+    na = np.linalg.norm(cell[0], ord=np.inf)
+    nb = np.linalg.norm(cell[1], ord=np.inf)
+    if na <= 0 or nb <= 0:
+        raise InputError("slab cell vectors a and b must be non-zero")
+    return (max(1, int(round(multiplier / na))), max(1, int(round(multiplier / nb))), 1)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool):
+        return ".TRUE." if v else ".FALSE."
+    return str(v)
+
+
+def incar_text(single_point: bool = True, **overrides: Any) -> str:
+    """INCAR contents with the OC20 flags (+ single-point settings); overrides win."""
+    flags = dict(OC20_VASP_FLAGS)
+    if single_point:
+        flags.update(SINGLE_POINT_FLAGS)
+    flags.update({k.upper(): v for k, v in overrides.items()})
+    return "".join(f"{k} = {_fmt(v)}\n" for k, v in flags.items())
+
+
+def kpoints_text(kpts: Sequence[int]) -> str:
+    """A Monkhorst-Pack KPOINTS file for mesh ``kpts``."""
+    return f"Automatic mesh (OC20 surface rule)\n0\nMonkhorst-Pack\n{kpts[0]} {kpts[1]} {kpts[2]}\n0 0 0\n"
+
+
+def write_vasp_inputs(atoms: Atoms, directory: str | os.PathLike, single_point: bool = True, **incar: Any) -> Path:
+    """Write POSCAR, INCAR and KPOINTS for ``atoms`` into ``directory``; returns it."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    a = _right_handed(atoms)
+    a.calc = None
+    write(d / "POSCAR", a, format="vasp", direct=False, sort=False)
+    (d / "INCAR").write_text(incar_text(single_point, **incar))
+    (d / "KPOINTS").write_text(kpoints_text(surface_kpoints(a)))
+    return d
+
+
+def _plain_copy(atoms: Atoms, info: Mapping[str, Any]) -> Atoms:
+    a = atoms.copy()
+    a.info = {k: v for k, v in a.info.items() if np.isscalar(v)}
+    a.info.update(info)
+    if atoms.calc is not None:
+        from ase.calculators.singlepoint import SinglePointCalculator
+
+        res = {k: v for k, v in atoms.calc.results.items() if k in ("energy", "forces", "free_energy")}
+        a.calc = SinglePointCalculator(a, **res)
+    return a
+
+
+def export_top_k(
+    ranked: Mapping[str, Sequence[MLResult]],
+    out_dir: str | os.PathLike,
+    k: int = 5,
+    vasp: bool = True,
+    **incar: Any,
+) -> list[Path]:
+    """Write the top ``k`` (already ranked) structures per system; returns the VASP directories.
+
+    ``ranked`` maps system_id → results in ascending ML energy (see :func:`rank_valid`);
+    it is re-sorted here anyway, so the order of the input never matters.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    for sid, results in ranked.items():
+        top = rank_valid(results, k)
+        sdir = out / str(sid)
+        sdir.mkdir(parents=True, exist_ok=True)
+        frames = [
+            _plain_copy(r.atoms, {"system_id": str(sid), "config_id": r.config_id, "rank": i, "ml_energy": float(r.ml_energy)})
+            for i, r in enumerate(top)
+        ]
+        if frames:
+            write(sdir / "top_k.extxyz", frames, format="extxyz")
+        if vasp:
+            for r in top:
+                paths.append(write_vasp_inputs(r.atoms, sdir / r.config_id, single_point=True, **incar))
+    (out / "paths.txt").write_text("".join(f"{p}\n" for p in paths))
+    return paths
+
+
+# --------------------------------------------------------------------------- DFT results
+
+
+@dataclass
+class DFTResult:
+    """A finished DFT single point.
+
+    ``energy`` in eV (None if it failed); ``scf_steps`` summed over ionic steps;
+    ``ionic_steps`` (1 for a single point); ``converged``: electronic convergence
+    (SCF steps of the last ionic step < NELM) when it can be judged, else None.
+    """
+
+    energy: float | None
+    scf_steps: int | None
+    ionic_steps: int | None
+    converged: bool | None = None
+    atoms: Atoms | None = None
+
+
+_ITER_RE = re.compile(r"Iteration\s+(\d+)\(\s*(\d+)\)")
+
+
+def count_vasp_steps(directory: str | os.PathLike) -> tuple[int | None, int | None, int | None]:
+    """(total SCF steps, ionic steps, SCF steps of the last ionic step) from vasprun.xml or OUTCAR."""
+    d = Path(directory)
+    xml = d / "vasprun.xml"
+    if xml.exists():
+        try:
+            root = ET.parse(xml).getroot()
+            calcs = root.findall("calculation")
+            per_ionic = [len(c.findall("scstep")) for c in calcs]
+            if per_ionic:
+                return sum(per_ionic), len(per_ionic), per_ionic[-1]
+        except ET.ParseError:
+            pass
+    outcar = d / "OUTCAR"
+    if outcar.exists():
+        counts: dict[int, int] = {}
+        for m in _ITER_RE.finditer(outcar.read_text(errors="replace")):
+            ionic, scf = int(m.group(1)), int(m.group(2))
+            counts[ionic] = max(counts.get(ionic, 0), scf)
+        if counts:
+            return sum(counts.values()), len(counts), counts[max(counts)]
+    return None, None, None
+
+
+def _nelm(directory: Path) -> int | None:
+    incar = directory / "INCAR"
+    if incar.exists():
+        m = re.search(r"^\s*NELM\s*=\s*(\d+)", incar.read_text(), re.MULTILINE | re.IGNORECASE)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def read_vasp_single_point(directory: str | os.PathLike) -> DFTResult:
+    """Read a finished VASP calculation (vasprun.xml preferred, else OUTCAR) via ase.io.
+
+    An unreadable or missing output gives ``DFTResult(energy=None, ...)`` (a failed single
+    point), never an exception, so one broken directory does not stop an import.
+    """
+    d = Path(directory)
+    atoms = None
+    for name, fmt in (("vasprun.xml", "vasp-xml"), ("OUTCAR", "vasp-out")):
+        if (d / name).exists():
+            try:
+                atoms = read(d / name, index=-1, format=fmt)
+                break
+            except Exception:  # noqa: BLE001 — truncated files from killed jobs are common
+                atoms = None
+    energy = None
+    if atoms is not None and atoms.calc is not None:
+        try:
+            energy = float(atoms.get_potential_energy())
+        except Exception:  # noqa: BLE001
+            energy = None
+    scf, ionic, last = count_vasp_steps(d)
+    nelm = _nelm(d)
+    converged = None if (last is None or nelm is None) else last < nelm
+    if converged is False:
+        energy = None
+    return DFTResult(energy, scf, ionic, converged, atoms)
+
+
+def run_single_points(structures: Sequence[Atoms], calculator: Any, progress: bool = True) -> list[DFTResult]:
+    """Single points with any ASE calculator (EMT, tblite, GPAW, ...), in-process.
+
+    ``scf_steps`` is None (unknown for a generic calculator); ``ionic_steps`` = 1 (one
+    force call). A calculator error gives ``energy=None`` for that structure.
+    """
+    from tqdm.auto import tqdm
+
+    out = []
+    for atoms in tqdm(structures, desc="DFT single points", disable=not progress):
+        a = atoms.copy()
+        a.calc = calculator
+        try:
+            e = float(a.get_potential_energy())
+            f = a.get_forces(apply_constraint=False)
+            from ase.calculators.singlepoint import SinglePointCalculator
+
+            a.calc = SinglePointCalculator(a, energy=e, forces=f)
+            out.append(DFTResult(e if math.isfinite(e) else None, None, 1, None, a))
+        except Exception:  # noqa: BLE001 — record the failure, keep going
+            out.append(DFTResult(None, None, 1, False, None))
+    return out

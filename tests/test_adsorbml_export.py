@@ -1,0 +1,110 @@
+"""adsorbml.export: ranking, VASP/extxyz export, step counting, in-process single points."""
+
+from __future__ import annotations
+
+
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.build import fcc111
+from ase.calculators.emt import EMT
+from ase.io import read
+
+from adsorbml.export import (
+    MLResult,
+    count_vasp_steps,
+    export_top_k,
+    rank_valid,
+    read_vasp_single_point,
+    run_single_points,
+    surface_kpoints,
+)
+from adsorbml.inputs import prepare_slab
+from adsorbml.placements import generate_placements
+
+
+@pytest.fixture(scope="module")
+def placements():
+    slab = prepare_slab(fcc111("Pt", size=(3, 3, 3), vacuum=10.0))
+    return generate_placements(slab, "*CO", num_random=4, heuristic=False, seed=0)
+
+
+def test_rank_valid_sorts_and_filters(placements):
+    a = placements[0].atoms
+    res = [
+        MLResult("rand0", a, -1.0),
+        MLResult("rand1", a, -3.0, anomaly="desorbed"),
+        MLResult("rand2", a, -2.0),
+        MLResult("rand3", a, float("nan")),
+        MLResult("heur0", a, -2.0),  # tie with rand2 → broken by config_id
+    ]
+    assert [r.config_id for r in rank_valid(res)] == ["heur0", "rand2", "rand0"]
+    assert [r.config_id for r in rank_valid(res, k=1)] == ["heur0"]
+
+
+def test_surface_kpoints_hand_computed():
+    slab = fcc111("Pt", size=(3, 3, 3), vacuum=10.0)
+    # a = (8.316, 0, 0) → ‖a‖∞ = 8.316, 40/8.316 = 4.81 → 5;  b = (4.158, 7.201, 0) → 40/7.201 = 5.55 → 6
+    assert surface_kpoints(slab) == (5, 6, 1)
+
+
+def test_export_top_k(tmp_path, placements):
+    res = [MLResult(p.config_id, p.atoms, e) for p, e in zip(placements, [-1.0, -4.0, -2.0, -3.0])]
+    paths = export_top_k({"sysA": res}, tmp_path, k=2)
+    assert [p.name for p in paths] == ["rand1", "rand3"]
+    frames = read(tmp_path / "sysA" / "top_k.extxyz", ":")
+    assert [f.info["config_id"] for f in frames] == ["rand1", "rand3"]
+    assert [f.info["ml_energy"] for f in frames] == [-4.0, -3.0]
+    assert frames[0].get_tags().tolist() == placements[1].atoms.get_tags().tolist()
+    d = tmp_path / "sysA" / "rand1"
+    poscar = read(d / "POSCAR", format="vasp")
+    assert poscar.get_chemical_symbols() == placements[1].atoms.get_chemical_symbols()  # order kept
+    assert np.allclose(poscar.positions, placements[1].atoms.positions, atol=1e-6)
+    fixed = poscar.constraints[0].get_indices().tolist()
+    assert fixed == np.flatnonzero(placements[1].atoms.get_tags() == 0).tolist()
+    incar = dict(line.split(" = ") for line in (d / "INCAR").read_text().splitlines())
+    for key, val in {"NSW": "0", "NELM": "300", "IBRION": "2", "ISIF": "0", "ISYM": "0", "LREAL": "Auto",
+                     "EDIFFG": "-0.03", "ENCUT": "350", "GGA": "RP", "LWAVE": ".FALSE."}.items():
+        assert incar[key] == val, key
+    assert (d / "KPOINTS").read_text().splitlines()[3] == "5 6 1"
+    assert (tmp_path / "paths.txt").read_text().split() == [str(p) for p in paths]
+
+
+def test_left_handed_cell_is_fixed(tmp_path):
+    a = Atoms("Cu", positions=[[1, 1, 5]], cell=[[0, 9, 0], [9, 0, 0], [0, 0, 20]], pbc=True)
+    assert np.linalg.det(a.cell) < 0
+    from adsorbml.export import write_vasp_inputs
+
+    write_vasp_inputs(a, tmp_path)
+    b = read(tmp_path / "POSCAR", format="vasp")
+    assert np.linalg.det(b.cell) > 0 and np.allclose(b.positions, a.positions)
+
+
+def test_count_steps_vasprun_and_outcar(tmp_path):
+    d1 = tmp_path / "xml"
+    d1.mkdir()
+    (d1 / "vasprun.xml").write_text(
+        "<modeling><calculation><scstep/><scstep/><scstep/></calculation>"
+        "<calculation><scstep/><scstep/></calculation></modeling>"
+    )
+    assert count_vasp_steps(d1) == (5, 2, 2)
+    d2 = tmp_path / "out"
+    d2.mkdir()
+    lines = [f"----- Iteration      1(  {i})  -----" for i in range(1, 8)]
+    (d2 / "OUTCAR").write_text("\n".join(lines) + "\n")
+    (d2 / "INCAR").write_text("NSW = 0\nNELM = 7\n")
+    assert count_vasp_steps(d2) == (7, 1, 7)
+    r = read_vasp_single_point(d2)  # 7 SCF steps = NELM → not converged → no energy
+    assert r.converged is False and r.energy is None and r.scf_steps == 7
+    assert read_vasp_single_point(tmp_path / "missing").energy is None
+
+
+def test_run_single_points_emt(placements):
+    out = run_single_points([p.atoms for p in placements[:2]], EMT(), progress=False)
+    for p, r in zip(placements, out):
+        ref = p.atoms.copy()
+        ref.calc = EMT()
+        assert r.energy == pytest.approx(ref.get_potential_energy(), abs=1e-10)
+        assert r.ionic_steps == 1 and r.scf_steps is None
+    bad = Atoms("Xe", positions=[[0, 0, 0]])  # EMT has no Xe parameters → recorded failure
+    assert run_single_points([bad], EMT(), progress=False)[0].energy is None
