@@ -10,6 +10,8 @@ only imported by the stages that use them):
 * :mod:`adsorbml.anomalies` — desorption, dissociation, surface change, intercalation.
 * :mod:`adsorbml.export` — ranking, VASP/extxyz top-k export, VASP import.
 * :mod:`adsorbml.metrics` — OC20-Dense formats, success@k, speedup.
+* :mod:`adsorbml.pipeline` — one system end to end in memory (``run_system``).
+* :mod:`adsorbml.cli` — ``adsorbml metrics`` (entry point ``adsorbml.cli:main``).
 
 Units: energies eV, lengths Å, forces eV/Å.
 """
