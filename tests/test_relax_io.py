@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
-from ase.constraints import FixAtoms
 from ase.io import read, write
 from ase.optimize import LBFGS
 

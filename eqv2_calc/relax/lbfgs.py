@@ -1,4 +1,4 @@
-"""Batched L-BFGS on packed batches: state dataclass and pure step functions.
+"""Batched L-BFGS on packed batches: state dataclass and step functions.
 
 The algorithm is ASE's ``ase.optimize.LBFGS`` (two-loop recursion, fixed initial inverse
 Hessian ``H0 = 1/alpha``, step rescaled so that the largest atomic displacement is at most
@@ -46,6 +46,21 @@ evaluates the potential and stores the results with :func:`lbfgs_set_results`. E
 kept out of the step so that the runner can evaluate freshly inserted systems (at their
 initial positions) together with the continuing ones in one potential call.
 
+Minimal loop (the runner in :mod:`eqv2_calc.relax.runner` adds in-flight refill, failure
+handling and outputs)::
+
+    state = lbfgs_init(pos, numbers, natoms, cell, pbc, free, history_size=100)
+    for _ in range(steps + 1):
+        energy, forces = potential(AtomsBatch(numbers=state.numbers, positions=state.positions,
+                                              cell=state.cell, pbc=state.pbc,
+                                              system_idx=state.system_idx, natoms=state.natoms))
+        lbfgs_set_results(state, energy, forces)
+        if bool((system_fmax(state) < fmax).all()):
+            break
+        lbfgs_step(state, LBFGSParams())
+
+The optimizer state is float64 whatever the model's dtype (the potential casts its inputs).
+
 Curvature guard (``curvature_guard``): ASE stores every pair, even when ``y.s <= 0`` (the
 pair then makes the inverse-Hessian estimate indefinite and the next direction may point
 uphill; ``y.s == 0`` gives ``rho = inf`` and NaN positions). ``"skip"`` (default) does not
@@ -55,7 +70,7 @@ reproduces ASE exactly. While every ``y.s > 0`` (the usual case) all three give 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import numpy as np
