@@ -55,6 +55,7 @@ def adsorbate_slab(
         pos[~fixed] += rng.normal(scale=rattle, size=(int((~fixed).sum()), 3))
         slab.set_positions(pos)
     slab.set_constraint(FixAtoms(mask=fixed))
+    slab.info.pop("adsorbate_info", None)  # a dict: extxyz cannot store it
     return slab
 
 
