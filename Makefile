@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 REFVENV ?= /tmp/eqv2-refvenv
 
-.PHONY: venv install install-test demo test test-reference bench clean
+.PHONY: venv install install-test demo test test-reference bench bench-relax clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -32,6 +32,9 @@ test-reference: install-test
 
 bench: install
 	$(BIN)/python benchmarks/forward.py
+
+bench-relax: install
+	$(BIN)/python benchmarks/relax.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -14,12 +14,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict_cli.add_parser(sub)
     relax_cli.add_parser(sub)
+    from eqv2_calc.train import cli as train_cli
+
+    train_cli.add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from eqv2_calc.errors import Eqv2Error
+
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except Eqv2Error as exc:  # bad input: a message, not a traceback
+        print(f"eqv2 {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

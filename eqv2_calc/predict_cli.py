@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from eqv2_calc.errors import Eqv2Error
-
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     info = sub.add_parser("info", help="print a checkpoint's metadata (architecture, energy convention, cutoff, ...)")
@@ -26,10 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run_info(args: argparse.Namespace) -> int:
     from eqv2_calc.checkpoint import load_model
 
-    try:
-        _, meta = load_model(args.checkpoint)
-    except Eqv2Error as exc:
-        raise SystemExit(f"eqv2 info: {exc}")
+    _, meta = load_model(args.checkpoint)
     print(json.dumps({**meta.to_dict(), "config": meta.config}, indent=2))
     return 0
 
@@ -40,12 +35,9 @@ def run_predict(args: argparse.Namespace) -> int:
 
     from eqv2_calc.calculator import EquiformerV2Calculator
 
-    try:
-        frames = read(args.input, ":")
-        calc = EquiformerV2Calculator(args.checkpoint, device=args.device, dtype=args.dtype)
-        results = calc.predict_batch(frames, max_atoms=args.max_atoms, progress=True)
-    except Eqv2Error as exc:
-        raise SystemExit(f"eqv2 predict: {exc}")
+    frames = read(args.input, ":")
+    calc = EquiformerV2Calculator(args.checkpoint, device=args.device, dtype=args.dtype)
+    results = calc.predict_batch(frames, max_atoms=args.max_atoms, progress=True)
     for atoms, res in zip(frames, results):
         atoms.calc = SinglePointCalculator(atoms, energy=res["energy"], forces=res["forces"])
     write(args.out, frames, format="extxyz")
