@@ -129,7 +129,11 @@ def _untile(slab: Atoms, tiling: tuple[int, int]) -> Atoms:
         return slab
     cell = np.asarray(slab.cell).copy()
     frac = slab.get_scaled_positions(wrap=True)
-    keep = (frac[:, 0] < 1.0 / na - 1e-6) & (frac[:, 1] < 1.0 / nb - 1e-6)
+    # tile index of each atom; the 1e-6 tolerance puts atoms at frac = 1/na − ε (rounding in
+    # pymatgen-made slabs) into the next tile, so every tile gets the same count
+    tile_a = np.floor(frac[:, 0] * na + 1e-6).astype(int) % na
+    tile_b = np.floor(frac[:, 1] * nb + 1e-6).astype(int) % nb
+    keep = (tile_a == 0) & (tile_b == 0)
     if keep.sum() * na * nb != len(slab):
         raise InputError(f"slab is not a {na}×{nb} in-plane repetition; pass tiling=(1, 1)")
     unit = slab[keep]

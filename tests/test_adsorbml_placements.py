@@ -147,3 +147,17 @@ def test_bad_options(pt111):
         generate_placements(pt111, "*O", heuristic=False, num_random=0)
     with pytest.raises(InputError, match="rotation mode"):
         generate_placements(pt111, "*CO", rotation="spin", heuristic=False, num_random=1)
+
+
+def test_untile_pymatgen_slab_with_boundary_rounding():
+    """pymatgen slabs put atoms at fractional 1/na − ε; the repeat unit must still be found."""
+    from ase.build import bulk
+
+    from adsorbml.inputs import slabs_from_bulk
+    from adsorbml.placements import _untile
+
+    rec = slabs_from_bulk(bulk("Pt"), (1, 1, 1))[0]
+    na, nb = rec.info["tiling"]
+    unit = _untile(rec.atoms, (na, nb))
+    assert len(unit) * na * nb == len(rec.atoms)
+    assert np.allclose(unit.cell[0] * na, rec.atoms.cell[0]) and np.allclose(unit.cell[1] * nb, rec.atoms.cell[1])
