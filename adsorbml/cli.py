@@ -1,7 +1,14 @@
 """``adsorbml`` command line (console script entry point: ``adsorbml.cli:main``).
 
-Implemented: ``adsorbml metrics``. Pending (issue 5): ``run``, ``export``, ``demo``, which
-need the resumable ase.db store.
+Commands::
+
+    adsorbml run --out DIR [--config run.json] [--slab FILE]... [--surface BULK:HKL]...
+                 [--adsorbate NAME]... [--placements N] [--seed S] [--k K] ...
+    adsorbml export DIR [--out EXPORT_DIR] [--k K]
+    adsorbml metrics --targets T --results R [--compute C]
+    adsorbml demo [--out DIR]
+
+``run`` resumes when pointed at a directory holding an unfinished run with the same settings.
 """
 
 from __future__ import annotations
@@ -9,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from adsorbml.errors import AdsorbMLError
@@ -31,9 +39,141 @@ def _metrics(args: argparse.Namespace) -> int:
     return 0
 
 
+_RUN_FLAGS = {
+    # argparse dest → RunConfig field
+    "placements": "num_random", "seed": "seed", "fmax": "fmax", "steps": "steps", "k": "k",
+    "ml_calculator": "ml_calculator", "dft_calculator": "dft_calculator", "gt_fmax": "gt_fmax",
+    "gt_steps": "gt_steps", "max_atoms": "max_atoms",
+}
+
+
+def _run_config(args: argparse.Namespace):
+    from adsorbml.workflow import RunConfig, SlabSpec, load_config
+
+    d = load_config(args.config) if args.config else {}
+    slabs = list(d.get("slabs", []))
+    slabs += [{"file": f} for f in args.slab or []]
+    slabs += [SlabSpec.parse(s).to_dict() for s in args.surface or []]
+    d["slabs"] = slabs
+    if args.adsorbate:
+        d["adsorbates"] = list(d.get("adsorbates", [])) + list(args.adsorbate)
+    for dest, key in _RUN_FLAGS.items():
+        v = getattr(args, dest)
+        if v is not None:
+            d[key] = v
+    if args.no_heuristic:
+        d["heuristic"] = False
+    if args.ground_truth:
+        d["ground_truth"] = True
+    return RunConfig.from_dict(d)
+
+
+def _print_summary(s, table: str | None) -> None:
+    print(f"\n{len(s.systems)} systems, {s.n_placements} placements; this run: {s.ml_relaxed_now} ML relaxations "
+          f"({s.ml_skipped} already done), {s.dft_now} DFT single points, {s.gt_relaxed_now} ground-truth relaxations")
+    for name, path in s.files.items():
+        if not name.startswith("plot:"):
+            print(f"  {name}: {path}")
+    n_plots = sum(n.startswith("plot:") for n in s.files)
+    if n_plots:
+        print(f"  plots: {n_plots} PNG files in {s.out_dir / 'plots'}")
+    if table:
+        print("\n" + table)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from adsorbml.workflow import run_workflow
+
+    cfg = _run_config(args)
+    s = run_workflow(cfg, args.out, plots=not args.no_plots, progress=not args.quiet)
+    _print_summary(s, s.table)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from adsorbml.workflow import export_run
+
+    paths = export_run(args.run_dir, args.out, args.k, vasp=not args.no_vasp)
+    print(f"exported {len(paths)} VASP single-point directories (+ top_k.extxyz per system)")
+    return 0
+
+
+DEMO_SURFACES = ("Pt:111", "Cu:100")
+DEMO_ADSORBATES = ("*CO", "*O", "*OH")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from adsorbml.workflow import RunConfig, SlabSpec, run_workflow, shipped_model_available
+
+    if args.ml_calculator:
+        ml = args.ml_calculator
+    elif shipped_model_available():
+        ml = "shipped"
+        print("ML model: the shipped EquiformerV2 checkpoint (checkpoints/eqv2-emt-small.pt)")
+    else:
+        ml = "emt"
+        print("NOTE: the shipped model checkpoints/eqv2-emt-small.pt is not there yet; the demo uses EMT "
+              "as the 'ML' model,\n      so ML and 'DFT' agree by construction (a plumbing demo, not a model test).")
+    label = {"shipped": "eqv2-emt-small"}.get(ml, Path(ml).stem.replace(":", "_"))
+    base = Path(args.out or "adsorbml-demo")
+    out = base / label if (args.out is None or args.per_model) else base
+    cfg = RunConfig(
+        slabs=[SlabSpec.parse(s) for s in DEMO_SURFACES], adsorbates=list(DEMO_ADSORBATES),
+        num_random=args.placements, heuristic=True, seed=0, k=args.k, ml_calculator=ml, dft_calculator="emt",
+        ground_truth=True,
+    )
+    print(f"systems: {', '.join(DEMO_ADSORBATES)} on {', '.join(DEMO_SURFACES)} (pymatgen slabs, OC20 settings); "
+          f"'DFT' = EMT single points, ground truth = EMT relaxations of every placement\noutput: {out}")
+    s = run_workflow(cfg, out, progress=not args.quiet)
+    _print_summary(s, s.table)
+    print(f"\nscore it again with: adsorbml metrics --targets {out}/targets.json --results {out}/results.json "
+          f"--compute {out}/compute.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="adsorbml", description="AdsorbML workflow (metrics; more stages pending)")
+    p = argparse.ArgumentParser(prog="adsorbml", description="AdsorbML workflow: placements → ML relaxations → "
+                                "anomaly filter → top-k DFT single points → success/speedup")
     sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run or resume the workflow (state in <out>/adsorbml.db)")
+    r.add_argument("--out", required=True, help="output directory (resumed if it holds a run with the same settings)")
+    r.add_argument("--config", help="JSON (or YAML with PyYAML) file with RunConfig keys; flags override it")
+    r.add_argument("--slab", action="append", help="clean slab file (any ase.io format); repeatable")
+    r.add_argument("--surface", action="append", help="BULK:HKL, e.g. Pt:111 or bulk.cif:1,0,0; repeatable")
+    r.add_argument("--adsorbate", action="append", help="adsorbate name, e.g. *CO; repeatable")
+    r.add_argument("--placements", type=int, help="random placements per system (default 100)")
+    r.add_argument("--no-heuristic", action="store_true", help="skip the heuristic ontop/bridge/hollow sites")
+    r.add_argument("--seed", type=int, help="placement seed (default 0)")
+    r.add_argument("--fmax", type=float, help="ML relaxation fmax, eV/Å (default 0.02)")
+    r.add_argument("--steps", type=int, help="ML relaxation steps (default 300)")
+    r.add_argument("--k", type=int, help="DFT single points on the top k (default 5)")
+    r.add_argument("--ml-calculator", help="shipped (default) | emt | checkpoint path | model name | module:Class")
+    r.add_argument("--dft-calculator", help="emt (default) | none | module:Class")
+    r.add_argument("--ground-truth", action="store_true",
+                   help="also relax every placement with the DFT calculator (targets/compute files, metrics)")
+    r.add_argument("--gt-fmax", type=float, help="ground-truth relaxation fmax (default 0.02 eV/Å)")
+    r.add_argument("--gt-steps", type=int, help="ground-truth relaxation steps (default 300)")
+    r.add_argument("--max-atoms", type=int, help="atoms per batched relaxation call (does not change results)")
+    r.add_argument("--no-plots", action="store_true", help="skip the PNG per system")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.set_defaults(func=_run)
+
+    e = sub.add_parser("export", help="top-k VASP inputs + extxyz from a run directory")
+    e.add_argument("run_dir")
+    e.add_argument("--out", help="export directory (default <run_dir>/export)")
+    e.add_argument("--k", type=int, help="default: the run's k")
+    e.add_argument("--no-vasp", action="store_true", help="only the extxyz files")
+    e.set_defaults(func=_export)
+
+    d = sub.add_parser("demo", help="*CO, *O, *OH on Pt(111) and Cu(100) with the shipped model; EMT as DFT")
+    d.add_argument("--out", help="output directory (default adsorbml-demo/<model>)")
+    d.add_argument("--per-model", action="store_true", help="put the run in <out>/<model>")
+    d.add_argument("--placements", type=int, default=4, help="random placements per system (default 4)")
+    d.add_argument("--k", type=int, default=5, help="DFT single points per system (default 5)")
+    d.add_argument("--ml-calculator", help="override the ML model (default: shipped, else EMT)")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.set_defaults(func=_demo)
     m = sub.add_parser("metrics", help="success@k, ML-only success and speedup from OC20-Dense files")
     m.add_argument("--targets", required=True, help="{system_id: [(config_id, E_DFT), ...]} (.json/.json.gz/.pkl)")
     m.add_argument("--results", required=True, help="{system_id: {config_id: {ml_energy, ml+dft_energy, ...}}}")

@@ -147,6 +147,37 @@ class RunStore:
                         entry[k] = v
         self._set_metadata(md)
 
+    # ------------------------------------------------------------------ event log
+
+    @property
+    def events_path(self) -> Path:
+        """``<directory>/events.jsonl``: an append-only log of started/finished work."""
+        return self.directory / "events.jsonl"
+
+    def log_event(self, **event: Any) -> None:
+        """Append one JSON line (flushed and fsync'ed) to :attr:`events_path`.
+
+        The log is an audit trail independent of the database (e.g. which relaxations each
+        run started and finished); the database stays the source of truth for results.
+        """
+        event.setdefault("time", time.time())
+        with open(self.events_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(event) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def events(self) -> list[dict]:
+        """All events of :attr:`events_path` (a torn last line from a crash is skipped)."""
+        if not self.events_path.exists():
+            return []
+        out = []
+        for line in self.events_path.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return out
+
     # ------------------------------------------------------------------ rows
 
     @staticmethod

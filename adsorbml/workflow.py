@@ -1,0 +1,719 @@
+"""The resumable AdsorbML run behind ``adsorbml run`` / ``adsorbml demo``.
+
+:func:`run_workflow` takes a :class:`RunConfig` (slabs × adsorbates, placement and relaxation
+settings, calculators) and an output directory, and runs every stage through the ase.db store
+of :mod:`adsorbml.store`:
+
+1. slabs (files, or bulk + Miller index via pymatgen) → ``slab`` rows;
+2. placements per system (seeded, so regenerating gives the same structures; they are also
+   stored, in one transaction per system) → ``placement`` rows;
+3. ML relaxation of each clean slab (the anomaly reference) → ``slab_ml``;
+4. ML relaxation of every placement with the batched relaxer; each result is written with
+   its anomaly verdict from the ``on_result`` callback as soon as it finishes → ``ml``;
+5. DFT single points (any ASE calculator) on the top k valid placements → ``dft_sp``;
+6. optional ground truth: DFT relaxation of the clean slab and of *every* placement
+   (``slab_gt``, ``gt``), as for the OC20-Dense targets; cost = force calls.
+
+Run again with the same settings and it resumes: finished rows are skipped, never redone.
+Outputs rewritten from the store at the end of each run (all energies are total energies in
+eV, so targets and results share one reference)::
+
+    adsorbml.db       the store            events.jsonl   started/finished work (audit log)
+    results.json      OC20-Dense results   anomalies.json {system_id: {config_id: reason}}
+    targets.json      OC20-Dense targets   compute.json   ground-truth cost (ground truth only)
+    metrics.md        success/speedup table (ground truth only)
+    plots/<system_id>.png
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+from ase import Atoms
+
+from adsorbml.adsorbates import as_adsorbate
+from adsorbml.anomalies import ALL_CHECKS, DEFAULT_CHECKS, detect_anomalies
+from adsorbml.errors import InputError
+from adsorbml.export import MLResult, export_top_k, rank_valid, run_single_points
+from adsorbml.inputs import SlabRecord, load_slab, slabs_from_bulk
+from adsorbml.placements import Placement, generate_placements
+from adsorbml.store import RunStore
+
+__all__ = [
+    "SlabSpec",
+    "RunConfig",
+    "RunSummary",
+    "load_config",
+    "make_ml_calculator",
+    "make_dft_calculator",
+    "shipped_model_available",
+    "run_workflow",
+    "export_run",
+    "collect_outputs",
+    "plot_system",
+]
+
+Log = Callable[[str], None]
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class SlabSpec:
+    """One slab source: a structure ``file`` (any format ase.io reads) **or** a ``bulk``
+    (element symbol for ``ase.build.bulk``, or a file) with a ``miller`` index.
+
+    ``slab_id`` names a file slab (default: file stem); ``max_slabs`` limits the number of
+    terminations taken from a bulk (default 1, the first in pymatgen's order).
+    """
+
+    file: str | None = None
+    bulk: str | None = None
+    miller: tuple[int, int, int] | None = None
+    slab_id: str | None = None
+    max_slabs: int = 1
+
+    @classmethod
+    def parse(cls, spec: "str | Mapping[str, Any] | SlabSpec") -> "SlabSpec":
+        """From a dict (config file), a ``"BULK:HKL"`` string (``"Pt:111"``, ``"bulk.cif:1,0,0"``)
+        or an existing SlabSpec."""
+        if isinstance(spec, SlabSpec):
+            return spec
+        if isinstance(spec, str):
+            if ":" not in spec:
+                raise InputError(f"surface {spec!r} must look like BULK:HKL, e.g. Pt:111 or bulk.cif:1,-1,0")
+            bulk, hkl = spec.rsplit(":", 1)
+            return cls(bulk=bulk, miller=_parse_miller(hkl))
+        if isinstance(spec, Mapping):
+            unknown = set(spec) - {"file", "bulk", "miller", "slab_id", "id", "max_slabs"}
+            if unknown:
+                raise InputError(f"unknown slab keys {sorted(unknown)}; use file | bulk + miller, slab_id, max_slabs")
+            out = cls(
+                file=spec.get("file"), bulk=spec.get("bulk"),
+                miller=None if spec.get("miller") is None else _parse_miller(spec["miller"]),
+                slab_id=spec.get("slab_id", spec.get("id")), max_slabs=int(spec.get("max_slabs", 1)),
+            )
+            out.check()
+            return out
+        raise InputError(f"slab spec must be a string BULK:HKL or a dict, got {type(spec).__name__}")
+
+    def check(self) -> None:
+        if (self.file is None) == (self.bulk is None):
+            raise InputError("a slab needs exactly one of 'file' or 'bulk' (+ 'miller')")
+        if self.bulk is not None and self.miller is None:
+            raise InputError(f"bulk {self.bulk!r} needs a Miller index")
+        if self.max_slabs < 1:
+            raise InputError(f"max_slabs must be >= 1, got {self.max_slabs}")
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if v is not None}
+        if self.miller is not None:
+            d["miller"] = list(self.miller)
+        return d
+
+
+def _parse_miller(hkl: Any) -> tuple[int, int, int]:
+    try:
+        if isinstance(hkl, str):
+            s = hkl.strip().strip("()[]")
+            vals = [int(x) for x in s.split(",")] if "," in s else [int(c) for c in s]
+        else:
+            vals = [int(x) for x in hkl]
+    except (TypeError, ValueError):
+        raise InputError(f"Miller index {hkl!r} must be three integers ('111', '1,-1,0' or [1, 1, 1])") from None
+    if len(vals) != 3 or vals == [0, 0, 0]:
+        raise InputError(f"Miller index {hkl!r} must be three integers, not all zero")
+    return (vals[0], vals[1], vals[2])
+
+
+@dataclass
+class RunConfig:
+    """Settings of one AdsorbML run (units: eV, Å).
+
+    Attributes
+    ----------
+    slabs, adsorbates:
+        Every slab is combined with every adsorbate (names from the built-in/OC20 table).
+    num_random, heuristic, seed:
+        Random placements per system, whether to add the heuristic sites, RNG seed.
+    fmax, steps:
+        ML relaxation settings (AdsorbML: 0.02 eV/Å, 300 steps).
+    k:
+        DFT single points on the k lowest-energy valid placements.
+    ml_calculator:
+        ``"shipped"`` (``checkpoints/eqv2-emt-small.pt``), ``"emt"``, a checkpoint path, an
+        official model name, or ``"module:Class"`` (any ASE calculator, built without args).
+    dft_calculator:
+        ``"emt"``, ``"none"`` or ``"module:Class"``.
+    ground_truth:
+        Also relax every placement with the DFT calculator (targets + compute files).
+    gt_fmax, gt_steps:
+        Ground-truth relaxation settings.
+    checks:
+        Anomaly checks (:data:`adsorbml.anomalies.ALL_CHECKS`).
+    max_atoms:
+        Atom budget of one batched relaxation call (None: relaxer default). Does not change
+        results, only how many structures relax at once.
+    """
+
+    slabs: list[SlabSpec] = field(default_factory=list)
+    adsorbates: list[str] = field(default_factory=list)
+    num_random: int = 100
+    heuristic: bool = True
+    seed: int = 0
+    fmax: float = 0.02
+    steps: int = 300
+    k: int = 5
+    ml_calculator: str = "shipped"
+    dft_calculator: str = "emt"
+    ground_truth: bool = False
+    gt_fmax: float = 0.02
+    gt_steps: int = 300
+    checks: list[str] = field(default_factory=lambda: list(DEFAULT_CHECKS))
+    max_atoms: int | None = None
+
+    # fields that do not change any result (left out of the resume check)
+    _NON_RESULT = ("max_atoms",)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "RunConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise InputError(f"unknown config keys {sorted(unknown)}; valid: {', '.join(sorted(names))}")
+        kw = dict(d)
+        kw["slabs"] = [SlabSpec.parse(s) for s in d.get("slabs", [])]
+        kw["adsorbates"] = [str(a) for a in d.get("adsorbates", [])]
+        cfg = cls(**kw)
+        cfg.check()
+        return cfg
+
+    def check(self) -> None:
+        """Raise :class:`InputError` for unusable settings."""
+        if not self.slabs:
+            raise InputError("no slabs: give --slab FILE or --surface BULK:HKL (or 'slabs' in the config)")
+        if not self.adsorbates:
+            raise InputError("no adsorbates: give --adsorbate NAME (e.g. *CO) or 'adsorbates' in the config")
+        for s in self.slabs:
+            s.check()
+        for a in self.adsorbates:
+            as_adsorbate(a)  # unknown names fail here, with the list of valid ones
+        if self.num_random < 0 or (self.num_random == 0 and not self.heuristic):
+            raise InputError("need placements: num_random >= 1 or heuristic sites")
+        if not (self.fmax > 0 and self.gt_fmax > 0):
+            raise InputError("fmax and gt_fmax must be > 0 eV/Å")
+        if self.steps < 0 or self.gt_steps < 0 or self.k < 1:
+            raise InputError("steps must be >= 0 and k >= 1")
+        bad = set(self.checks) - set(ALL_CHECKS)
+        if bad:
+            raise InputError(f"unknown anomaly checks {sorted(bad)}; valid: {list(ALL_CHECKS)}")
+        if self.ground_truth and self.dft_calculator.lower() == "none":
+            raise InputError("ground_truth needs a DFT calculator (e.g. --dft-calculator emt)")
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["slabs"] = [s.to_dict() for s in self.slabs]
+        d["checks"] = list(self.checks)
+        return d
+
+    def fingerprint(self) -> dict:
+        """The settings that determine the results (compared when resuming)."""
+        d = self.to_dict()
+        for k in self._NON_RESULT:
+            d.pop(k, None)
+        return d
+
+
+def load_config(path: str | os.PathLike) -> dict:
+    """Read a run config file: JSON, or YAML (``.yaml``/``.yml``, needs PyYAML)."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"no such config file: {p}")
+    text = p.read_text()
+    if p.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise InputError(f"{p} is YAML but PyYAML is not installed (pip install pyyaml), or use JSON") from None
+        d = yaml.safe_load(text)
+    else:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{p} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise InputError(f"{p} must contain a mapping of settings")
+    return d
+
+
+# --------------------------------------------------------------------------- calculators
+
+
+def shipped_model_available() -> bool:
+    """Whether ``checkpoints/eqv2-emt-small.pt`` (the shipped model) exists."""
+    from eqv2_calc.calculator import default_checkpoint
+    from eqv2_calc.errors import CheckpointError
+
+    try:
+        default_checkpoint()
+        return True
+    except CheckpointError:
+        return False
+
+
+def _import_calculator(spec: str) -> Any:
+    mod, _, name = spec.partition(":")
+    try:
+        cls = getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError) as e:
+        raise InputError(f"cannot import calculator {spec!r}: {e}") from None
+    return cls()
+
+
+def make_ml_calculator(spec: str) -> Any:
+    """The ML force field named by ``spec`` (see :attr:`RunConfig.ml_calculator`)."""
+    s = spec.strip()
+    if s.lower() == "emt":
+        from ase.calculators.emt import EMT
+
+        return EMT()
+    if ":" in s and not os.path.exists(s):
+        return _import_calculator(s)
+    from eqv2_calc import EquiformerV2Calculator
+    from eqv2_calc.errors import CheckpointError
+
+    try:
+        if s.lower() in ("shipped", "default"):
+            return EquiformerV2Calculator()
+        if os.path.exists(s):
+            return EquiformerV2Calculator(checkpoint_path=s)
+        return EquiformerV2Calculator(model_name=s)
+    except CheckpointError as e:
+        raise InputError(f"ML model {spec!r}: {e} (or use --ml-calculator emt)") from None
+
+
+def make_dft_calculator(spec: str) -> Any | None:
+    """The DFT (stand-in) calculator: ``"emt"``, ``"none"`` (→ None) or ``"module:Class"``."""
+    s = spec.strip()
+    if s.lower() == "none":
+        return None
+    if s.lower() == "emt":
+        from ase.calculators.emt import EMT
+
+        return EMT()
+    if ":" in s:
+        return _import_calculator(s)
+    raise InputError(f"unknown DFT calculator {spec!r}; use emt, none or module:Class (e.g. tblite.ase:TBLite)")
+
+
+# --------------------------------------------------------------------------- systems
+
+
+@dataclass
+class _System:
+    system_id: str
+    slab_id: str
+    adsorbate: str
+    placements: list[Placement]
+
+
+def system_id_for(slab_id: str, adsorbate: str) -> str:
+    """``<slab_id>_<adsorbate without *>``, e.g. ``Pt_111_0.167_CO``."""
+    return f"{slab_id}_{adsorbate.lstrip('*')}"
+
+
+def _build_slabs(cfg: RunConfig) -> list[SlabRecord]:
+    from ase.build import bulk as ase_bulk
+
+    out: list[SlabRecord] = []
+    for spec in cfg.slabs:
+        if spec.file is not None:
+            out.append(load_slab(spec.file, spec.slab_id))
+        else:
+            src = spec.bulk
+            if not os.path.exists(src):
+                try:
+                    src = ase_bulk(spec.bulk)
+                except (KeyError, ValueError, RuntimeError) as e:
+                    raise InputError(f"bulk {spec.bulk!r} is neither a file nor an element ase.build.bulk knows: {e}") from None
+            out.extend(slabs_from_bulk(src, spec.miller, max_slabs=spec.max_slabs))
+    ids = [s.slab_id for s in out]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise InputError(f"duplicate slab ids {dup}; give distinct 'slab_id's")
+    return out
+
+
+def _slab_from_row(row: Any) -> SlabRecord:
+    info = dict(row.data.get("info", {}))
+    millers = info.get("millers")
+    return SlabRecord(row.system_id, row.toatoms(), tuple(millers) if millers else None, info.get("shift"), info)
+
+
+def _placement_from_row(row: Any) -> Placement:
+    d = row.data
+    return Placement(row.config_id, row.toatoms(), np.asarray(d["site"], float), str(d["site_kind"]),
+                     int(d["binding_index"]), np.asarray(d["rotation"], float))
+
+
+def _ml_result(row: Any) -> MLResult:
+    e = row.get("ml_energy", math.nan)
+    return MLResult(row.config_id, row.toatoms(), float(e), row.anomaly, bool(row.converged), {"nsteps": row.nsteps})
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class RunSummary:
+    """What a run produced (counts refer to this invocation unless stated)."""
+
+    out_dir: Path
+    run_id: int
+    systems: list[str]
+    n_placements: int
+    ml_relaxed_now: int
+    ml_skipped: int
+    dft_now: int
+    gt_relaxed_now: int
+    ml_seconds: float
+    files: dict[str, Path] = field(default_factory=dict)
+    table: str | None = None
+
+
+def _relax_into_store(
+    store: RunStore, run_id: int, stage: str, items: list[tuple[str, str, Atoms]], calc: Any, *,
+    fmax: float, steps: int, max_atoms: int | None, progress: bool,
+    verdict: Callable[[str, str, Any], dict] | None = None,
+) -> float:
+    """Relax ``items`` [(system_id, config_id, atoms)] with relax_batch, writing each result to
+    ``stage`` the moment it finishes. Returns the wall time (s)."""
+    from eqv2_calc.relax import relax_batch
+
+    if not items:
+        return 0.0
+    store.log_event(event="start", stage=stage, run_id=run_id, items=[[s, c] for s, c, _ in items])
+
+    def on_result(r: Any) -> None:
+        sid, cid, _ = items[r.index]
+        e = float(r.energy)
+        kvp: dict[str, Any] = {
+            "run_id": run_id, "converged": bool(r.converged), "nsteps": int(r.nsteps),
+            "force_calls": int(r.nsteps) + 1, "final_fmax": float(r.fmax) if math.isfinite(r.fmax) else None,
+            "relax_reason": r.reason, "failed": bool(r.failed),
+        }
+        if verdict is not None:
+            kvp.update(verdict(sid, cid, r))
+        else:
+            kvp["energy_ok"] = math.isfinite(e)
+        _, written = store.write(stage, sid, cid, r.atoms, kvp, {"initial_energy": float(r.initial_energy)})
+        store.log_event(event="finish", stage=stage, run_id=run_id, system_id=sid, config_id=cid, written=written)
+
+    t0 = time.perf_counter()
+    relax_batch([a for _, _, a in items], calc, fmax=fmax, steps=steps, max_atoms=max_atoms,
+                progress=progress, on_result=on_result)
+    return time.perf_counter() - t0
+
+
+def run_workflow(
+    cfg: RunConfig,
+    out_dir: str | os.PathLike,
+    *,
+    ml_calculator: Any | None = None,
+    dft_calculator: Any | None = None,
+    plots: bool = True,
+    progress: bool = True,
+    log: Log = print,
+) -> RunSummary:
+    """Run (or resume) the AdsorbML workflow for ``cfg`` in ``out_dir``.
+
+    ``ml_calculator`` / ``dft_calculator`` override the calculators named in ``cfg`` (e.g. an
+    already loaded model); the names in ``cfg`` still label the run and guard resuming.
+    """
+    from tqdm.auto import tqdm
+
+    cfg.check()
+    store = RunStore(out_dir)
+    run_id = store.begin_run(cfg.to_dict(), cfg.fingerprint())
+    out = store.directory
+    if run_id > 1:
+        log(f"resuming {out} (run {run_id}): finished work in {store.path.name} is kept")
+
+    # 1. slabs (stored rows win, so a resumed run uses exactly the same structures)
+    slabs: dict[str, SlabRecord] = {}
+    new_rows = []
+    for rec in _build_slabs(cfg):
+        row = store.get("slab", rec.slab_id, "slab")
+        if row is None:
+            new_rows.append(("slab", rec.slab_id, "slab", rec.atoms, {"run_id": run_id},
+                             {"info": json.loads(json.dumps(rec.info))}))
+            slabs[rec.slab_id] = rec
+        else:
+            slabs[rec.slab_id] = _slab_from_row(row)
+    store.write_many(new_rows)
+
+    # 2. placements, one transaction per system
+    systems: list[_System] = []
+    pairs = [(sid, a) for sid in slabs for a in cfg.adsorbates]
+    for slab_id, ads in tqdm(pairs, desc="placements", unit="system", disable=not progress):
+        name = as_adsorbate(ads).name
+        sid = system_id_for(slab_id, name)
+        if store.count("placement", system_id=sid):
+            pl = [_placement_from_row(r) for r in store.rows("placement", sid)]
+        else:
+            pl = generate_placements(slabs[slab_id], name, num_random=cfg.num_random, heuristic=cfg.heuristic,
+                                     seed=cfg.seed)
+            store.write_many([
+                ("placement", sid, p.config_id, p.atoms, {"run_id": run_id, "site_kind": p.site_kind,
+                                                          "slab_id": slab_id, "adsorbate": name},
+                 p.metadata()) for p in pl
+            ])
+        systems.append(_System(sid, slab_id, name, pl))
+    if len({s.system_id for s in systems}) != len(systems):
+        raise InputError("two systems share an id; use distinct slab ids / adsorbates")
+    n_placements = sum(len(s.placements) for s in systems)
+
+    # 3.-4. ML relaxations: clean slabs, then every placement
+    ml_calc = ml_calculator
+    ml_done = store.done("ml")
+    pending = [(s.system_id, p.config_id, p.atoms) for s in systems for p in s.placements
+               if (s.system_id, p.config_id) not in ml_done]
+    slab_pending = [(i, "slab", slabs[i].atoms) for i in slabs if store.get("slab_ml", i, "slab") is None]
+    ml_seconds = 0.0
+    if pending or slab_pending:
+        if ml_calc is None:
+            ml_calc = make_ml_calculator(cfg.ml_calculator)
+        _relax_into_store(store, run_id, "slab_ml", slab_pending, ml_calc, fmax=cfg.fmax, steps=cfg.steps,
+                          max_atoms=cfg.max_atoms, progress=False)
+    if pending:
+        ref = {i: store.get("slab_ml", i, "slab").toatoms() for i in slabs}
+        initial = {(s.system_id, p.config_id): p.atoms for s in systems for p in s.placements}
+        slab_of = {s.system_id: s.slab_id for s in systems}
+
+        def ml_verdict(sid: str, cid: str, r: Any) -> dict:
+            e = float(r.energy)
+            if r.failed or not math.isfinite(e):
+                anomaly = f"relaxation_{r.reason}" if r.failed else "relaxation_non_finite"
+            else:
+                anomaly = detect_anomalies(initial[(sid, cid)], r.atoms, ref[slab_of[sid]], cfg.checks).reason
+            return {"ml_energy": e if math.isfinite(e) else None, "anomaly": anomaly}
+
+        log(f"ML relaxations: {len(pending)} to run, {len(ml_done)} already in the store")
+        ml_seconds = _relax_into_store(store, run_id, "ml", pending, ml_calc, fmax=cfg.fmax, steps=cfg.steps,
+                                       max_atoms=cfg.max_atoms, progress=progress, verdict=ml_verdict)
+        store.update_run(run_id, ml_seconds=ml_seconds, ml_relaxations=len(pending))
+
+    # 5. DFT single points on the top k
+    dft_calc = dft_calculator
+    dft_now = 0
+    if cfg.dft_calculator.lower() != "none" or dft_calculator is not None:
+        dft_done = store.done("dft_sp")
+        todo = []
+        for s in systems:
+            ranked = rank_valid([_ml_result(r) for r in store.rows("ml", s.system_id)], cfg.k)
+            todo += [(s.system_id, r) for r in ranked if (s.system_id, r.config_id) not in dft_done]
+        if todo:
+            if dft_calc is None:
+                dft_calc = make_dft_calculator(cfg.dft_calculator)
+            for sid, r in tqdm(todo, desc="DFT single points", unit="sp", disable=not progress):
+                d = run_single_points([r.atoms], dft_calc, progress=False)[0]
+                store.write("dft_sp", sid, r.config_id, d.atoms if d.atoms is not None else r.atoms,
+                            {"run_id": run_id, "dft_energy": d.energy, "dft_ok": d.energy is not None,
+                             "scf_steps": d.scf_steps, "ionic_steps": d.ionic_steps}, {})
+                dft_now += 1
+
+    # 6. ground truth: DFT relaxations of the clean slabs and of every placement
+    gt_now = 0
+    if cfg.ground_truth:
+        gt_done = store.done("gt")
+        gt_pending = [(s.system_id, p.config_id, p.atoms) for s in systems for p in s.placements
+                      if (s.system_id, p.config_id) not in gt_done]
+        slab_gt_pending = [(i, "slab", slabs[i].atoms) for i in slabs if store.get("slab_gt", i, "slab") is None]
+        if gt_pending or slab_gt_pending:
+            if dft_calc is None:
+                dft_calc = make_dft_calculator(cfg.dft_calculator)
+            _relax_into_store(store, run_id, "slab_gt", slab_gt_pending, dft_calc, fmax=cfg.gt_fmax,
+                              steps=cfg.gt_steps, max_atoms=cfg.max_atoms, progress=False)
+        if gt_pending:
+            gref = {i: store.get("slab_gt", i, "slab").toatoms() for i in slabs}
+            initial = {(s.system_id, p.config_id): p.atoms for s in systems for p in s.placements}
+            slab_of = {s.system_id: s.slab_id for s in systems}
+
+            def gt_verdict(sid: str, cid: str, r: Any) -> dict:
+                e = float(r.energy)
+                if r.failed or not math.isfinite(e):
+                    anomaly = f"relaxation_{r.reason}" if r.failed else "relaxation_non_finite"
+                else:
+                    anomaly = detect_anomalies(initial[(sid, cid)], r.atoms, gref[slab_of[sid]], cfg.checks).reason
+                return {"gt_energy": e if math.isfinite(e) else None, "anomaly": anomaly}
+
+            log(f"ground-truth (DFT) relaxations: {len(gt_pending)} to run")
+            _relax_into_store(store, run_id, "gt", gt_pending, dft_calc, fmax=cfg.gt_fmax, steps=cfg.gt_steps,
+                              max_atoms=cfg.max_atoms, progress=progress, verdict=gt_verdict)
+            gt_now = len(gt_pending)
+
+    files, table = collect_outputs(store, cfg, [s.system_id for s in systems], plots=plots)
+    store.update_run(run_id, finished=time.time())
+    return RunSummary(out, run_id, [s.system_id for s in systems], n_placements, len(pending),
+                      n_placements - len(pending), dft_now, gt_now, ml_seconds, files, table)
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def collect_outputs(
+    store: RunStore, cfg: RunConfig, system_ids: Sequence[str], plots: bool = True,
+) -> tuple[dict[str, Path], str | None]:
+    """Write results/anomalies (and targets/compute/metrics with ground truth) and plots from
+    the store. Returns (files, Markdown metrics table or None)."""
+    from adsorbml.metrics import format_table, metrics_table, write_compute, write_results, write_targets
+
+    out = store.directory
+    results: dict[str, dict] = {}
+    anomalies: dict[str, dict] = {}
+    targets: dict[str, list] = {}
+    compute: dict[str, dict] = {}
+    per_system: dict[str, dict] = {}
+    gt_complete = cfg.ground_truth
+    for sid in system_ids:
+        order = {r.config_id: i for i, r in enumerate(store.rows("placement", sid))}
+        n_pl = len(order)
+        ml_rows = sorted(store.rows("ml", sid), key=lambda r: order.get(r.config_id, len(order)))
+        ml = [_ml_result(r) for r in ml_rows]  # placement order (rows are in finishing order)
+        dft = {r.config_id: r for r in store.rows("dft_sp", sid)}
+        ranked = rank_valid(ml)
+        results[sid] = {}
+        for r in ranked:
+            d = dft.get(r.config_id)
+            results[sid][r.config_id] = {
+                "ml_energy": float(r.ml_energy),
+                "ml+dft_energy": None if d is None else d.get("dft_energy"),
+                "scf_steps": None if d is None else d.get("scf_steps"),
+                "ionic_steps": None if d is None else d.get("ionic_steps"),
+            }
+        anomalies[sid] = {r.config_id: r.anomaly for r in ml}
+        gt_rows = list(store.rows("gt", sid)) if cfg.ground_truth else []
+        gt = {r.config_id: r for r in gt_rows}
+        if cfg.ground_truth:
+            if len(gt_rows) < n_pl:
+                gt_complete = False
+            valid = [(r.config_id, float(r.gt_energy)) for r in gt_rows if r.anomaly == "ok" and r.get("gt_energy") is not None]
+            if valid:
+                targets[sid] = valid
+            compute[sid] = {r.config_id: {"scf": None, "ionic": int(r.force_calls)} for r in gt_rows}
+            slab_id = store.get("placement", sid, gt_rows[0].config_id).slab_id if gt_rows else None
+            srow = store.get("slab_gt", slab_id, "slab") if slab_id else None
+            if srow is not None:
+                compute[sid]["surface"] = {"scf": None, "ionic": int(srow.force_calls)}
+        per_system[sid] = {"ml": ml, "dft": dft, "gt": gt}
+
+    files = {"results": write_results(out / "results.json", results)}
+    (out / "anomalies.json").write_text(json.dumps(anomalies, indent=1))
+    files["anomalies"] = out / "anomalies.json"
+    table = None
+    if cfg.ground_truth and gt_complete and targets:
+        files["targets"] = write_targets(out / "targets.json", targets)
+        files["compute"] = write_compute(out / "compute.json", compute)
+        runs = store.metadata.get("runs", [])
+        secs = sum(r.get("ml_seconds", 0.0) for r in runs)
+        nrel = sum(r.get("ml_relaxations", 0) for r in runs)
+        res_scored = {s: results.get(s, {}) for s in targets}
+        rows = metrics_table(targets, res_scored, {s: compute[s] for s in targets}, k_max=cfg.k,
+                             ml_seconds_per_relaxation=(secs / nrel) if nrel else None)
+        table = format_table(rows)
+        dropped = sorted(set(system_ids) - set(targets))
+        note = f"\n\nSystems without any valid ground-truth relaxation (not scored): {', '.join(dropped)}\n" if dropped else "\n"
+        (out / "metrics.md").write_text(table + note)
+        files["metrics"] = out / "metrics.md"
+    if plots:
+        pdir = out / "plots"
+        for sid in system_ids:
+            d = per_system[sid]
+            files[f"plot:{sid}"] = plot_system(
+                pdir / f"{sid}.png", sid, d["ml"], cfg.k,
+                {c: r.get("dft_energy") for c, r in d["dft"].items()},
+                {c: (r.get("gt_energy") if r.anomaly == "ok" else None) for c, r in d["gt"].items()},
+            )
+    return files, table
+
+
+def plot_system(
+    path: str | os.PathLike,
+    system_id: str,
+    ml: Sequence[MLResult],
+    k: int,
+    dft: Mapping[str, float | None] | None = None,
+    ground_truth: Mapping[str, float | None] | None = None,
+) -> Path:
+    """PNG of one system: ML energy per placement (input order), anomalies marked (red ×),
+    the top k highlighted, DFT single-point energies (◆) and the ground-truth minimum (dashed)
+    where known. Uses matplotlib's Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dft = dict(dft or {})
+    gt = dict(ground_truth or {})
+    x = {r.config_id: i for i, r in enumerate(ml)}
+    top = {r.config_id for r in rank_valid(ml, k)} if ml else set()
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.18 * len(ml) + 3), 4.0), dpi=100)
+    ok = [r for r in ml if r.anomaly == "ok" and math.isfinite(r.ml_energy)]
+    bad = [r for r in ml if r.anomaly != "ok" and math.isfinite(r.ml_energy)]
+    ax.scatter([x[r.config_id] for r in ok], [r.ml_energy for r in ok], s=18, c="tab:blue", label="ML energy (valid)")
+    if bad:
+        ax.scatter([x[r.config_id] for r in bad], [r.ml_energy for r in bad], s=30, c="tab:red", marker="x",
+                   label="anomalous (ML)")
+    tk = [r for r in ok if r.config_id in top]
+    if tk:
+        ax.scatter([x[r.config_id] for r in tk], [r.ml_energy for r in tk], s=110, facecolors="none",
+                   edgecolors="tab:orange", linewidths=1.8, label=f"top {k} by ML energy")
+    dd = [(x[c], e) for c, e in dft.items() if e is not None and c in x]
+    if dd:
+        ax.scatter(*zip(*dd), s=40, c="tab:green", marker="D", label="DFT single point")
+    gv = [e for e in gt.values() if e is not None]
+    if gv:
+        ax.axhline(min(gv), color="k", ls="--", lw=1, label=f"ground-truth min {min(gv):.3f} eV")
+    ax.set_xticks(range(len(ml)))
+    ax.set_xticklabels([r.config_id for r in ml], rotation=90, fontsize=6)
+    ax.set_xlabel("placement")
+    ax.set_ylabel("total energy (eV)")
+    ax.set_title(f"{system_id}: {len(ok)} valid / {len(ml)} relaxed")
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- export
+
+
+def export_run(
+    run_dir: str | os.PathLike, out: str | os.PathLike | None = None, k: int | None = None, vasp: bool = True,
+) -> list[Path]:
+    """Top-k VASP inputs + extxyz of a finished (or partial) run, from its store.
+
+    Writes to ``out`` (default ``<run_dir>/export``); ``k`` defaults to the run's k.
+    Returns the VASP calculation directories (see :func:`adsorbml.export.export_top_k`).
+    """
+    store = RunStore(run_dir, create=False)
+    cfg = store.config or {}
+    k = int(k if k is not None else cfg.get("k", 5))
+    ranked: dict[str, list[MLResult]] = {}
+    for row in store.rows("ml"):
+        ranked.setdefault(row.system_id, []).append(_ml_result(row))
+    if not ranked:
+        raise InputError(f"{store.path} has no finished ML relaxations yet")
+    return export_top_k(ranked, Path(out) if out is not None else store.directory / "export", k=k, vasp=vasp)
