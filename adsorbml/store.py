@@ -97,8 +97,10 @@ class RunStore:
 
     @property
     def metadata(self) -> dict:
-        """``{"schema_version", "config", "runs"}`` (empty dict for a new store)."""
-        return dict(self._db.metadata)
+        """``{"schema_version", "config", "runs"}`` (empty dict for a new store); read from the
+        file each time (ase.db caches it per connection object, which would go stale when
+        another process or RunStore writes)."""
+        return dict(connect(str(self.path), type="db", use_lock_file=False).metadata)
 
     def _set_metadata(self, md: Mapping[str, Any]) -> None:
         self._db.metadata = json.loads(json.dumps(md))  # plain JSON types only
