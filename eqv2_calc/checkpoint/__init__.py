@@ -2,5 +2,6 @@
 
 from eqv2_calc.checkpoint.load import CheckpointMeta, load_model
 from eqv2_calc.checkpoint.registry import OFFICIAL_CHECKPOINTS, resolve_checkpoint
+from eqv2_calc.checkpoint.save import save_fairchem_checkpoint
 
-__all__ = ["CheckpointMeta", "load_model", "OFFICIAL_CHECKPOINTS", "resolve_checkpoint"]
+__all__ = ["CheckpointMeta", "load_model", "save_fairchem_checkpoint", "OFFICIAL_CHECKPOINTS", "resolve_checkpoint"]

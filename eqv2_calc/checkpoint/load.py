@@ -196,10 +196,10 @@ def _local_state(sd: dict[str, torch.Tensor], model: EquiformerV2, path: Path):
     order: list[str] = []
     for key, value in sd.items():
         local = strip_prefixes(key)
-        grid = {f"SO3_grid.{L}.{M}.to_grid_mat": "edge_to", f"SO3_grid.{L}.{M}.from_grid_mat": "edge_from",
-                f"SO3_grid.{L}.{L}.to_grid_mat": "node_to", f"SO3_grid.{L}.{L}.from_grid_mat": "node_from"}
-        if local in grid:
-            grids.setdefault(grid[local], value)
+        for name, (l, m, kind) in {"edge_to": (L, M, "to"), "edge_from": (L, M, "from"),
+                                   "node_to": (L, L, "to"), "node_from": (L, L, "from")}.items():
+            if local == f"SO3_grid.{l}.{m}.{kind}_grid_mat":  # with M == L one buffer serves both
+                grids.setdefault(name, value)
         if is_derived(local):
             continue
         if local == "energy_lin_ref" and not cfg.use_energy_lin_ref:
