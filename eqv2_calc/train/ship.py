@@ -33,7 +33,7 @@ EMT_SMALL_MODEL: dict = dict(
 come from the training data)."""
 
 EMT_SMALL: dict = dict(
-    model=EMT_SMALL_MODEL, seed=0, epochs=8, batch_size=8, lr=1.5e-3, min_lr_ratio=0.01,
+    model=EMT_SMALL_MODEL, seed=0, epochs=12, batch_size=8, lr=1.5e-3, min_lr_ratio=0.01,
     warmup_steps=100, warmup_factor=0.1, weight_decay=1e-3, clip_grad_norm=10.0, ema_decay=0.999,
     energy_coef=1.0, force_coef=5.0, checkpoint_every=100, eval_every=500, log_every=10,
 )
