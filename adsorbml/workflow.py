@@ -216,6 +216,9 @@ class RunConfig:
         bad = set(self.checks) - set(ALL_CHECKS)
         if bad:
             raise InputError(f"unknown anomaly checks {sorted(bad)}; valid: {list(ALL_CHECKS)}")
+        d = self.dft_calculator.strip().lower()
+        if d not in ("emt", "none") and ":" not in d:
+            raise InputError(f"unknown DFT calculator {self.dft_calculator!r}; use emt, none or module:Class")
         if self.ground_truth and self.dft_calculator.lower() == "none":
             raise InputError("ground_truth needs a DFT calculator (e.g. --dft-calculator emt)")
 
@@ -442,6 +445,9 @@ def run_workflow(
     from tqdm.auto import tqdm
 
     cfg.check()
+    # build the calculators first: a bad model or calculator fails before any work is done
+    ml_calc = ml_calculator if ml_calculator is not None else make_ml_calculator(cfg.ml_calculator)
+    dft_calc = dft_calculator if dft_calculator is not None else make_dft_calculator(cfg.dft_calculator)
     store = RunStore(out_dir)
     run_id = store.begin_run(cfg.to_dict(), cfg.fingerprint())
     out = store.directory
@@ -483,15 +489,12 @@ def run_workflow(
     n_placements = sum(len(s.placements) for s in systems)
 
     # 3.-4. ML relaxations: clean slabs, then every placement
-    ml_calc = ml_calculator
     ml_done = store.done("ml")
     pending = [(s.system_id, p.config_id, p.atoms) for s in systems for p in s.placements
                if (s.system_id, p.config_id) not in ml_done]
     slab_pending = [(i, "slab", slabs[i].atoms) for i in slabs if store.get("slab_ml", i, "slab") is None]
     ml_seconds = 0.0
     if pending or slab_pending:
-        if ml_calc is None:
-            ml_calc = make_ml_calculator(cfg.ml_calculator)
         _relax_into_store(store, run_id, "slab_ml", slab_pending, ml_calc, fmax=cfg.fmax, steps=cfg.steps,
                           max_atoms=cfg.max_atoms, progress=False)
     if pending:
@@ -513,17 +516,14 @@ def run_workflow(
         store.update_run(run_id, ml_seconds=ml_seconds, ml_relaxations=len(pending))
 
     # 5. DFT single points on the top k
-    dft_calc = dft_calculator
     dft_now = 0
-    if cfg.dft_calculator.lower() != "none" or dft_calculator is not None:
+    if dft_calc is not None:
         dft_done = store.done("dft_sp")
         todo = []
         for s in systems:
             ranked = rank_valid([_ml_result(r) for r in store.rows("ml", s.system_id)], cfg.k)
             todo += [(s.system_id, r) for r in ranked if (s.system_id, r.config_id) not in dft_done]
         if todo:
-            if dft_calc is None:
-                dft_calc = make_dft_calculator(cfg.dft_calculator)
             for sid, r in tqdm(todo, desc="DFT single points", unit="sp", disable=not progress):
                 d = run_single_points([r.atoms], dft_calc, progress=False)[0]
                 store.write("dft_sp", sid, r.config_id, d.atoms if d.atoms is not None else r.atoms,
@@ -539,8 +539,6 @@ def run_workflow(
                       if (s.system_id, p.config_id) not in gt_done]
         slab_gt_pending = [(i, "slab", slabs[i].atoms) for i in slabs if store.get("slab_gt", i, "slab") is None]
         if gt_pending or slab_gt_pending:
-            if dft_calc is None:
-                dft_calc = make_dft_calculator(cfg.dft_calculator)
             _relax_into_store(store, run_id, "slab_gt", slab_gt_pending, dft_calc, fmax=cfg.gt_fmax,
                               steps=cfg.gt_steps, max_atoms=cfg.max_atoms, progress=False)
         if gt_pending:

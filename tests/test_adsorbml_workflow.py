@@ -1,0 +1,105 @@
+"""adsorbml.workflow / CLI: config parsing and errors, a tiny ground-truth run, export, metrics."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from ase.build import fcc111
+from ase.io import read, write
+
+from adsorbml.cli import main
+from adsorbml.errors import InputError, UnknownAdsorbateError
+from adsorbml.store import RunStore
+from adsorbml.workflow import RunConfig, SlabSpec, load_config
+
+
+def test_slab_spec_parsing():
+    assert SlabSpec.parse("Pt:111").miller == (1, 1, 1)
+    assert SlabSpec.parse("bulk.cif:1,-1,0") == SlabSpec(bulk="bulk.cif", miller=(1, -1, 0))
+    assert SlabSpec.parse({"bulk": "Cu", "miller": [1, 0, 0], "max_slabs": 2}).max_slabs == 2
+    for bad in ("Pt", "Pt:000", "Pt:1x1", {"file": "a", "bulk": "Cu", "miller": "111"}, {"bulk": "Cu"}, {"fil": "x"}):
+        with pytest.raises(InputError):
+            SlabSpec.parse(bad)
+
+
+def test_run_config_errors(tmp_path):
+    ok = {"slabs": ["Pt:111"], "adsorbates": ["*O"]}
+    assert RunConfig.from_dict(ok).fmax == 0.02 and RunConfig.from_dict(ok).steps == 300
+    with pytest.raises(InputError, match="unknown config keys"):
+        RunConfig.from_dict({**ok, "placement": 3})
+    with pytest.raises(UnknownAdsorbateError, match="available"):
+        RunConfig.from_dict({**ok, "adsorbates": ["*XYZ"]})
+    with pytest.raises(InputError, match="no slabs"):
+        RunConfig.from_dict({"adsorbates": ["*O"]})
+    with pytest.raises(InputError, match="ground_truth needs"):
+        RunConfig.from_dict({**ok, "ground_truth": True, "dft_calculator": "none"})
+    with pytest.raises(InputError, match="anomaly checks"):
+        RunConfig.from_dict({**ok, "checks": ["melted"]})
+    (tmp_path / "bad.json").write_text("{oops")
+    with pytest.raises(InputError, match="not valid JSON"):
+        load_config(tmp_path / "bad.json")
+    # the CLI turns these into exit code 2 with a message
+    assert main(["run", "--out", str(tmp_path / "o"), "--surface", "Pt:111"]) == 2
+    assert main(["run", "--out", str(tmp_path / "o"), "--surface", "Pt:111", "--adsorbate", "*O",
+                 "--ml-calculator", "emt", "--dft-calculator", "vasp"]) == 2
+    assert main(["run", "--out", str(tmp_path / "o"), "--surface", "Pt:111", "--adsorbate", "*O",
+                 "--ml-calculator", "nosuchmodule:Calc"]) == 2
+    assert not (tmp_path / "o").exists()  # nothing was started
+
+
+@pytest.mark.slow
+def test_tiny_ground_truth_run_outputs_export_and_metrics(tmp_path, capsys):
+    slab = tmp_path / "Pt111.extxyz"
+    write(slab, fcc111("Pt", size=(3, 3, 3), vacuum=8.0))
+    cfg = {"slabs": [{"file": str(slab)}], "adsorbates": ["*O"], "num_random": 3, "heuristic": False,
+           "seed": 1, "k": 2, "steps": 40, "gt_steps": 40, "ml_calculator": "emt", "dft_calculator": "emt",
+           "ground_truth": True}
+    (tmp_path / "run.json").write_text(json.dumps(cfg))
+    out = tmp_path / "run"
+    assert main(["run", "--config", str(tmp_path / "run.json"), "--out", str(out), "--quiet"]) == 0
+    st = RunStore(out, create=False)
+    sid = "Pt111_O"
+    # files agree with the store (independent read of the rows)
+    targets = json.loads((out / "targets.json").read_text())
+    gt = [r for r in st.rows("gt", sid)]
+    assert len(gt) == 3 and st.count("slab_gt") == 1
+    valid = [r.gt_energy for r in gt if r.anomaly == "ok"]
+    assert min(e for _, e in targets[sid]) == pytest.approx(min(valid))
+    compute = json.loads((out / "compute.json").read_text())
+    assert sorted(compute[sid]) == sorted(["rand0", "rand1", "rand2", "surface"])
+    assert all(compute[sid][r.config_id]["ionic"] == r.nsteps + 1 for r in gt)
+    results = json.loads((out / "results.json").read_text())
+    ml_ok = sorted((r.ml_energy, r.config_id) for r in st.rows("ml", sid) if r.anomaly == "ok")
+    assert list(results[sid]) == [c for _, c in ml_ok]
+    with_dft = [c for c, e in results[sid].items() if e["ml+dft_energy"] is not None]
+    assert with_dft == [c for _, c in ml_ok[:2]]
+    for c in with_dft:  # the single point is EMT on the ML-relaxed structure
+        from ase.calculators.emt import EMT
+
+        a = st.get("ml", sid, c).toatoms()
+        a.calc = EMT()
+        assert results[sid][c]["ml+dft_energy"] == pytest.approx(a.get_potential_energy(), abs=1e-8)
+        assert results[sid][c]["ionic_steps"] == 1
+    assert (out / "plots" / f"{sid}.png").stat().st_size > 1000
+    assert (out / "metrics.md").read_text().startswith("| k |")
+
+    # export: top-2 VASP inputs + extxyz, best first
+    assert main(["export", str(out), "--out", str(tmp_path / "exp")]) == 0
+    frames = read(tmp_path / "exp" / sid / "top_k.extxyz", ":")
+    assert [f.info["config_id"] for f in frames] == with_dft
+    poscar = read(tmp_path / "exp" / sid / with_dft[0] / "POSCAR")
+    assert np.allclose(poscar.positions, st.get("ml", sid, with_dft[0]).positions, atol=1e-5)
+
+    # the written OC20-Dense files score with `adsorbml metrics`
+    capsys.readouterr()
+    assert main(["metrics", "--targets", str(out / "targets.json"), "--results", str(out / "results.json"),
+                 "--compute", str(out / "compute.json"), "--k", "2"]) == 0
+    assert "| 1 |" in capsys.readouterr().out
+
+    # resuming with other settings is refused, with the differing keys named
+    cfg["seed"] = 2
+    (tmp_path / "run.json").write_text(json.dumps(cfg))
+    assert main(["run", "--config", str(tmp_path / "run.json"), "--out", str(out), "--quiet"]) == 2
+    assert "seed" in capsys.readouterr().err
