@@ -11,7 +11,10 @@ only imported by the stages that use them):
 * :mod:`adsorbml.export` — ranking, VASP/extxyz top-k export, VASP import.
 * :mod:`adsorbml.metrics` — OC20-Dense formats, success@k, speedup.
 * :mod:`adsorbml.pipeline` — one system end to end in memory (``run_system``).
-* :mod:`adsorbml.cli` — ``adsorbml metrics`` (entry point ``adsorbml.cli:main``).
+* :mod:`adsorbml.store` — the resumable ase.db store of a run directory.
+* :mod:`adsorbml.workflow` — ``run_workflow``: the resumable run (many systems, ground truth,
+  OC20-Dense output files, plots), ``export_run``.
+* :mod:`adsorbml.cli` — ``adsorbml run | export | metrics | demo`` (entry point ``adsorbml.cli:main``).
 
 Units: energies eV, lengths Å, forces eV/Å.
 """

@@ -1,9 +1,8 @@
 """One AdsorbML system end to end, in memory: placements → batched ML relaxation → anomaly
 filter → ranking → (optional) single points on the top k with any ASE calculator.
 
-Not yet here (see the issue): the ase.db store with resume, the ``adsorbml run``/``demo``
-commands and plots. The pieces used are the public functions of the other modules, so a
-store can wrap each stage without changing them.
+For many systems, persistence and resume after a crash, use :func:`adsorbml.workflow.run_workflow`
+(``adsorbml run``), which runs the same stages through the ase.db store.
 """
 
 from __future__ import annotations
