@@ -103,3 +103,33 @@ def test_tiny_ground_truth_run_outputs_export_and_metrics(tmp_path, capsys):
     (tmp_path / "run.json").write_text(json.dumps(cfg))
     assert main(["run", "--config", str(tmp_path / "run.json"), "--out", str(out), "--quiet"]) == 2
     assert "seed" in capsys.readouterr().err
+
+
+def test_demo_falls_back_to_emt_with_a_note(tmp_path, monkeypatch, capsys):
+    """Without checkpoints/eqv2-emt-small.pt the demo runs with EMT as the 'ML' model and says so."""
+    import adsorbml.workflow as wf
+    from adsorbml.workflow import RunSummary
+
+    seen = {}
+
+    def fake_run(cfg, out, **kw):
+        seen["cfg"], seen["out"] = cfg, out
+        return RunSummary(tmp_path, 1, [], 0, 0, 0, 0, 0, 0.0)
+
+    monkeypatch.setattr(wf, "shipped_model_available", lambda: False)
+    monkeypatch.setattr(wf, "run_workflow", fake_run)
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "NOTE" in out and "EMT" in out
+    cfg = seen["cfg"]
+    assert cfg.ml_calculator == "emt" and cfg.dft_calculator == "emt" and cfg.ground_truth
+    assert [s.to_dict() for s in cfg.slabs] == [{"bulk": "Pt", "miller": [1, 1, 1], "max_slabs": 1},
+                                                 {"bulk": "Cu", "miller": [1, 0, 0], "max_slabs": 1}]
+    assert cfg.adsorbates == ["*CO", "*O", "*OH"] and cfg.fmax == 0.02 and cfg.steps == 300
+    assert str(seen["out"]).endswith("adsorbml-demo/emt")
+
+    monkeypatch.setattr(wf, "shipped_model_available", lambda: True)
+    assert main(["demo", "--quiet"]) == 0
+    assert seen["cfg"].ml_calculator == "shipped" and str(seen["out"]).endswith("adsorbml-demo/eqv2-emt-small")
+    assert "NOTE" not in capsys.readouterr().out
