@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 REFVENV ?= /tmp/eqv2-refvenv
 
-.PHONY: venv install install-test demo test test-reference bench bench-relax clean
+.PHONY: venv install install-test install-adsorbml demo demo-calculator test test-reference bench bench-relax clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -20,8 +20,16 @@ install: venv
 install-test: venv
 	$(BIN)/pip install -q -e ".[test]"
 
-demo: install
+# the main job: AdsorbML on the shipped model (a few minutes on 2 CPU cores)
+demo: install-adsorbml
+	$(BIN)/adsorbml demo
+
+# energies and forces through the ASE calculator and the batch API (seconds)
+demo-calculator: install
 	$(BIN)/python examples/demo.py
+
+install-adsorbml: venv
+	$(BIN)/pip install -q -e ".[adsorbml]"
 
 test: install-test
 	$(BIN)/python -m pytest -q
