@@ -59,9 +59,9 @@ def structures(tmp: Path) -> dict[str, Path]:
     return out
 
 
-def run_worker(python: str, impl: str, ckpt: Path, structure: Path, repeat: int) -> dict | None:
+def run_worker(python: str, impl: str, ckpt: Path, structure: Path, repeat: int, threads: int) -> dict | None:
     cmd = [python, str(HERE / "_forward_worker.py"), "--impl", impl, "--checkpoint", str(ckpt),
-           "--structure", str(structure), "--repeat", str(repeat)]
+           "--structure", str(structure), "--repeat", str(repeat), "--threads", str(threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -85,7 +85,10 @@ def main() -> None:
     ap.add_argument("--checkpoint", help="a 31M checkpoint (default: generated from seed 0)")
     ap.add_argument("--refvenv", default=os.environ.get("EQV2_REFVENV", "/tmp/eqv2-refvenv"))
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads in both workers (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     ref_python = Path(args.refvenv) / "bin" / "python"
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
@@ -93,22 +96,23 @@ def main() -> None:
         peak = matmul_gflops()
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
               f"float32 matmul 2048^3: {peak:.0f} GFLOP/s\n")
-        header = f"{'structure':24s} {'impl':9s} {'s/call':>8s} {'GFLOP':>7s} {'GFLOP/s':>8s} {'%peak':>6s} {'peak RSS MiB':>13s} {'RSS growth':>11s}"
+        header = f"{'structure':24s} {'impl':9s} {'s/call':>8s} {'CPU s':>6s} {'GFLOP':>7s} {'GFLOP/s':>8s} {'%peak':>6s} {'peak RSS MiB':>13s} {'RSS growth':>11s}"
         print(header)
         print("-" * len(header))
         for label, path in structures(tmp).items():
-            rows = {"eqv2": run_worker(sys.executable, "eqv2", ckpt, path, args.repeat)}
+            rows = {"eqv2": run_worker(sys.executable, "eqv2", ckpt, path, args.repeat, args.threads)}
             if ref_python.exists():
-                rows["fairchem"] = run_worker(str(ref_python), "fairchem", ckpt, path, args.repeat)
+                rows["fairchem"] = run_worker(str(ref_python), "fairchem", ckpt, path, args.repeat, args.threads)
             for impl, r in rows.items():
                 if r is None:
                     continue
                 rate = r["gflop"] / r["seconds_min"]
-                print(f"{label:24s} {impl:9s} {r['seconds_min']:8.3f} {r['gflop']:7.1f} {rate:8.1f} "
+                print(f"{label:24s} {impl:9s} {r['seconds_min']:8.3f} {r['cpu_seconds_min']:6.2f} {r['gflop']:7.1f} {rate:8.1f} "
                       f"{100 * rate / peak:5.0f}% {r['rss_peak_mib']:13.0f} {r['rss_peak_mib'] - r['rss_loaded_mib']:11.0f}")
             if rows.get("fairchem") and rows.get("eqv2"):
                 a, b = rows["eqv2"], rows["fairchem"]
-                print(f"{'':24s} {'ratio':9s} speed-up {b['seconds_min'] / a['seconds_min']:.2f}x, "
+                print(f"{'':24s} {'ratio':9s} speed-up {b['seconds_min'] / a['seconds_min']:.2f}x "
+                      f"(CPU time {b['cpu_seconds_min'] / a['cpu_seconds_min']:.2f}x), "
                       f"RSS growth {a['rss_peak_mib'] - a['rss_loaded_mib']:.0f} vs "
                       f"{b['rss_peak_mib'] - b['rss_loaded_mib']:.0f} MiB, |dE| = {abs(a['energy'] - b['energy']):.2e} eV")
         print(f"\nmatmul re-measured after the runs: {matmul_gflops():.0f} GFLOP/s (noise check)")
