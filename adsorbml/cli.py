@@ -187,7 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from eqv2_calc.runtime import tune_allocator
+
     args = build_parser().parse_args(argv)
+    tune_allocator()
     try:
         return args.func(args)
     except (AdsorbMLError, FileNotFoundError) as e:

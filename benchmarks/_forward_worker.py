@@ -27,7 +27,12 @@ def main() -> None:
     ap.add_argument("--structure", required=True, help="extxyz file with one structure")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--tune-allocator", action="store_true", help="eqv2_calc.runtime.tune_allocator() first")
     args = ap.parse_args()
+    if args.tune_allocator:
+        from eqv2_calc.runtime import tune_allocator
+
+        assert tune_allocator(), "tune_allocator() failed"
     if args.threads:
         torch.set_num_threads(args.threads)
     from ase.io import read

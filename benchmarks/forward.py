@@ -8,7 +8,10 @@ the GFLOP/s of a 2048³ float32 matmul measured in the same run. Each measuremen
 its own process; the reference runs in the reference venv when it exists
 (../shared/reference/setup_refvenv.sh, default /tmp/eqv2-refvenv).
 
-usage: python benchmarks/forward.py [--checkpoint PATH] [--refvenv DIR] [--repeat N]
+"eqv2+tune" is eqv2-calc after eqv2_calc.runtime.tune_allocator() (what the eqv2 / adsorbml
+command lines do); fairchem always runs with the default allocator.
+
+usage: python benchmarks/forward.py [--checkpoint PATH] [--refvenv DIR] [--repeat N] [--threads N]
 """
 
 from __future__ import annotations
@@ -59,9 +62,13 @@ def structures(tmp: Path) -> dict[str, Path]:
     return out
 
 
-def run_worker(python: str, impl: str, ckpt: Path, structure: Path, repeat: int, threads: int) -> dict | None:
+def run_worker(
+    python: str, impl: str, ckpt: Path, structure: Path, repeat: int, threads: int, tuned: bool = False
+) -> dict | None:
     cmd = [python, str(HERE / "_forward_worker.py"), "--impl", impl, "--checkpoint", str(ckpt),
            "--structure", str(structure), "--repeat", str(repeat), "--threads", str(threads)]
+    if tuned:
+        cmd.append("--tune-allocator")
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -100,7 +107,10 @@ def main() -> None:
         print(header)
         print("-" * len(header))
         for label, path in structures(tmp).items():
-            rows = {"eqv2": run_worker(sys.executable, "eqv2", ckpt, path, args.repeat, args.threads)}
+            rows = {
+                "eqv2": run_worker(sys.executable, "eqv2", ckpt, path, args.repeat, args.threads),
+                "eqv2+tune": run_worker(sys.executable, "eqv2", ckpt, path, args.repeat, args.threads, tuned=True),
+            }
             if ref_python.exists():
                 rows["fairchem"] = run_worker(str(ref_python), "fairchem", ckpt, path, args.repeat, args.threads)
             for impl, r in rows.items():
@@ -109,12 +119,13 @@ def main() -> None:
                 rate = r["gflop"] / r["seconds_min"]
                 print(f"{label:24s} {impl:9s} {r['seconds_min']:8.3f} {r['cpu_seconds_min']:6.2f} {r['gflop']:7.1f} {rate:8.1f} "
                       f"{100 * rate / peak:5.0f}% {r['rss_peak_mib']:13.0f} {r['rss_peak_mib'] - r['rss_loaded_mib']:11.0f}")
-            if rows.get("fairchem") and rows.get("eqv2"):
-                a, b = rows["eqv2"], rows["fairchem"]
-                print(f"{'':24s} {'ratio':9s} speed-up {b['seconds_min'] / a['seconds_min']:.2f}x "
-                      f"(CPU time {b['cpu_seconds_min'] / a['cpu_seconds_min']:.2f}x), "
-                      f"RSS growth {a['rss_peak_mib'] - a['rss_loaded_mib']:.0f} vs "
-                      f"{b['rss_peak_mib'] - b['rss_loaded_mib']:.0f} MiB, |dE| = {abs(a['energy'] - b['energy']):.2e} eV")
+            for name in ("eqv2", "eqv2+tune"):
+                if rows.get("fairchem") and rows.get(name):
+                    a, b = rows[name], rows["fairchem"]
+                    print(f"{'':24s} {'ratio':9s} {name}: speed-up {b['seconds_min'] / a['seconds_min']:.2f}x "
+                          f"(CPU time {b['cpu_seconds_min'] / a['cpu_seconds_min']:.2f}x), "
+                          f"RSS growth {a['rss_peak_mib'] - a['rss_loaded_mib']:.0f} vs "
+                          f"{b['rss_peak_mib'] - b['rss_loaded_mib']:.0f} MiB, |dE| = {abs(a['energy'] - b['energy']):.2e} eV")
         print(f"\nmatmul re-measured after the runs: {matmul_gflops():.0f} GFLOP/s (noise check)")
 
 

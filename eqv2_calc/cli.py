@@ -22,8 +22,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from eqv2_calc.errors import Eqv2Error
+    from eqv2_calc.runtime import tune_allocator
 
     args = build_parser().parse_args(argv)
+    tune_allocator()
     try:
         return int(args.func(args) or 0)
     except Eqv2Error as exc:  # bad input: a message, not a traceback

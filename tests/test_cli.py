@@ -31,3 +31,16 @@ def test_predict_writes_reference_energies(tmp_path):
 def test_bad_checkpoint_is_a_clean_exit(capsys):
     assert main(["info", "missing.pt"]) == 2
     assert "checkpoint file not found: missing.pt" in capsys.readouterr().err
+
+
+def test_tune_allocator_is_idempotent_and_keeps_results(structures):
+    """The allocator setting changes memory policy only, never numbers."""
+    from conftest import calculator
+    from eqv2_calc.runtime import tune_allocator
+
+    atoms = structures["Pt100_OH"]
+    before = calculator("eqv2_tiny_l4m2").predict_batch([atoms])[0]
+    assert tune_allocator() in (True, False)
+    assert tune_allocator() == tune_allocator()
+    after = calculator("eqv2_tiny_l4m2").predict_batch([atoms])[0]
+    assert after["energy"] == before["energy"]
