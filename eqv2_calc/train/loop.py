@@ -400,7 +400,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, stop_after: int | Non
         log.close()
         return TrainResult(step=step, out_dir=out, checkpoint=out / CHECKPOINT_FILE, final=out / FINAL_FILE,
                            train_metrics={}, val_metrics={}, seconds=time.perf_counter() - t0, losses=losses)
-    train_metrics = _eval_ema(model, ema, ds, cfg.eval_batch_size) if not cfg.max_steps or total > 50 else {}
+    train_metrics = _eval_ema(model, ema, ds, cfg.eval_batch_size)
     if val_ds is not None:
         val_metrics = _eval_ema(model, ema, val_ds, cfg.eval_batch_size)
     seconds = time.perf_counter() - t0

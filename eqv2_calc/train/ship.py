@@ -8,8 +8,9 @@ One command, seeded end to end::
 Steps: (1) :func:`eqv2_calc.train.emt_data.generate_emt_dataset` (skipped if the data
 directory already holds a manifest with the same seed; ``--regenerate`` forces it),
 (2) :func:`eqv2_calc.train.loop.train` with :data:`EMT_SMALL` (resumes a killed run from
-``runs/emt-small/resume.pt``), (3) copies ``final.pt`` (EMA weights as ``state_dict``) to
-``--dest``. Evaluate with ``python benchmarks/emt_model_eval.py``.
+``runs/emt-small/resume.pt``), then a second stage :data:`EMT_SMALL_FINETUNE` from its final
+EMA weights in ``runs/emt-small-ft``, (3) copies the second stage's ``final.pt`` (EMA weights
+as ``state_dict``) to ``--dest``. Evaluate with ``python benchmarks/emt_model_eval.py``.
 """
 
 from __future__ import annotations
@@ -37,7 +38,15 @@ EMT_SMALL: dict = dict(
     warmup_steps=100, warmup_factor=0.1, weight_decay=1e-3, clip_grad_norm=10.0, ema_decay=0.999,
     energy_coef=1.0, force_coef=5.0, checkpoint_every=100, eval_every=500, log_every=10,
 )
-"""Training options of the shipped model (TrainConfig fields, without paths)."""
+"""Training options of the shipped model, stage 1 (TrainConfig fields, without paths)."""
+
+EMT_SMALL_FINETUNE: dict = dict(
+    seed=1, epochs=5, batch_size=8, lr=4e-4, min_lr_ratio=0.01, warmup_steps=50, warmup_factor=0.1,
+    weight_decay=1e-3, clip_grad_norm=10.0, ema_decay=0.999, energy_coef=1.0, force_coef=10.0,
+    checkpoint_every=100, eval_every=500, log_every=10,
+)
+"""Stage 2: continue from stage 1's EMA weights (same architecture and normalisation) with a
+lower learning rate and more weight on forces."""
 
 
 def ship_config(data_dir: Path, out_dir: Path, **overrides) -> TrainConfig:
@@ -65,7 +74,12 @@ def main(argv: list[str] | None = None) -> int:
 
         generate_emt_dataset(data_dir, seed=args.seed, workers=args.workers)
     cfg = ship_config(data_dir, out_dir, seed=args.seed, threads=args.threads)
-    result = train(cfg)
+    stage1 = train(cfg)
+    cfg2 = TrainConfig.from_dict({
+        **EMT_SMALL_FINETUNE, "train": cfg.train, "val": cfg.val, "out_dir": str(out_dir) + "-ft",
+        "init_checkpoint": str(stage1.final), "threads": args.threads,
+    })
+    result = train(cfg2)
     dest = Path(args.dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(result.final, dest)
