@@ -320,3 +320,23 @@ def test_bad_input_is_rejected_clearly():
     untagged.set_tags(0)
     with pytest.raises(InputError, match="tag 0"):
         relax_batch([untagged], EMT(), fix_tag0=True)
+
+
+def test_rejected_structure_fails_alone_with_reason():
+    """A structure the potential rejects (atoms 0.05 Å apart) is flagged; the others relax as
+    they would alone."""
+    from ase import Atoms
+
+    from eqv2_calc import EquiformerV2Calculator
+
+    calc = EquiformerV2Calculator("tests/data/eqv2_tiny_l4m2.pt")
+    good = slab_systems(2)
+    bad = Atoms("CuCu", positions=[[0, 0, 0], [0.05, 0, 0]], cell=[8, 8, 8], pbc=True)
+    results = relax_batch([good[0], bad, good[1]], calc, fmax=0.05, steps=3, progress=False)
+    assert results[1].failed and results[1].reason.startswith("invalid_geometry")
+    assert "0.0500 Å apart" in results[1].reason
+    for i, atoms in zip((0, 2), good):
+        alone = relax_batch([atoms], calc, fmax=0.05, steps=3, progress=False)[0]
+        assert not results[i].failed
+        assert results[i].energy == pytest.approx(alone.energy, abs=1e-5)
+        np.testing.assert_allclose(results[i].atoms.positions, alone.atoms.positions, atol=1e-5)

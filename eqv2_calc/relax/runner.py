@@ -71,6 +71,7 @@ REASON_MAX_STEPS = "max_steps"
 REASON_NON_FINITE = "non_finite"
 REASON_EXPLODED = "force_explosion"
 REASON_OOM = "out_of_memory"
+REASON_INVALID = "invalid_geometry"
 
 
 @dataclass
@@ -313,6 +314,7 @@ class BatchRelaxer:
         self._attached: set[int] = set()
         self._state: LBFGSState | None = None
         self._results: list[RelaxResult | None] = [None] * len(self._atoms)
+        self._invalid: dict[int, str] = {}
 
         from tqdm.auto import tqdm
 
@@ -392,6 +394,10 @@ class BatchRelaxer:
                 energy, forces = self.potential.evaluate(batch, [t.index for t in self._active])
             else:
                 energy, forces = self.potential(batch)
+        except InputError:
+            # a structure the potential rejects (e.g. atoms collapsed to < 0.1 Å): find it by
+            # evaluating one system at a time, so that only it fails
+            energy, forces = self._evaluate_one_by_one(batch)
         except Exception as exc:  # noqa: BLE001 - only OOM is handled, the rest re-raised
             if not is_out_of_memory(exc):
                 raise
@@ -405,6 +411,29 @@ class BatchRelaxer:
         self.stats.useful_evaluations += n_sys
         self.stats.atoms_evaluated += n_atoms
         return True
+
+    def _evaluate_one_by_one(self, batch: AtomsBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Evaluate each system alone; those the potential rejects get NaN results and an
+        entry in ``self._invalid`` (their error message)."""
+        energies, forces = [], []
+        start = 0
+        for j, track in enumerate(self._active):
+            n = int(batch.natoms[j])
+            sub = AtomsBatch(
+                numbers=batch.numbers[start : start + n], positions=batch.positions[start : start + n],
+                cell=batch.cell[j : j + 1], pbc=batch.pbc[j : j + 1],
+                system_idx=torch.zeros(n, dtype=torch.long, device=batch.device), natoms=batch.natoms[j : j + 1],
+            )
+            try:
+                e, f = self.potential(sub)
+            except InputError as exc:
+                self._invalid[track.index] = str(exc)
+                e = torch.full((1,), math.nan, dtype=torch.float64, device=batch.device)
+                f = torch.full((n, 3), math.nan, dtype=torch.float64, device=batch.device)
+            energies.append(torch.as_tensor(e, dtype=torch.float64))
+            forces.append(torch.as_tensor(f, dtype=torch.float64))
+            start += n
+        return torch.cat(energies), torch.cat(forces)
 
     def _handle_oom(self) -> None:
         if torch.cuda.is_available():
@@ -490,7 +519,9 @@ class BatchRelaxer:
                 t.frames.append(frame)
             if j in done_set:
                 self._history.release(rows[a:b])
-                if non_finite_h[j]:
+                if t.index in self._invalid:
+                    reason, failed = f"{REASON_INVALID}: {self._invalid[t.index]}", True
+                elif non_finite_h[j]:
                     reason, failed = REASON_NON_FINITE, True
                 elif exploded_h[j]:
                     reason, failed = REASON_EXPLODED, True
