@@ -27,12 +27,9 @@ def main() -> None:
     ap.add_argument("--structure", required=True, help="extxyz file with one structure")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--tune-allocator", action="store_true", help="eqv2_calc.runtime.tune_allocator() first")
+    ap.add_argument("--no-tune-allocator", action="store_true",
+                    help="eqv2: EquiformerV2Calculator(tune_allocator=False), glibc's default malloc")
     args = ap.parse_args()
-    if args.tune_allocator:
-        from eqv2_calc.runtime import tune_allocator
-
-        assert tune_allocator(), "tune_allocator() failed"
     if args.threads:
         torch.set_num_threads(args.threads)
     from ase.io import read
@@ -41,7 +38,7 @@ def main() -> None:
     if args.impl == "eqv2":
         from eqv2_calc import EquiformerV2Calculator
 
-        calc = EquiformerV2Calculator(args.checkpoint, device="cpu")
+        calc = EquiformerV2Calculator(args.checkpoint, device="cpu", tune_allocator=not args.no_tune_allocator)
 
         def call():
             calc.reset()

@@ -8,8 +8,8 @@ the GFLOP/s of a 2048³ float32 matmul measured in the same run. Each measuremen
 its own process; the reference runs in the reference venv when it exists
 (../shared/reference/setup_refvenv.sh, default /tmp/eqv2-refvenv).
 
-"eqv2+tune" is eqv2-calc after eqv2_calc.runtime.tune_allocator() (what the eqv2 / adsorbml
-command lines do); fairchem always runs with the default allocator.
+"eqv2" is EquiformerV2Calculator as users get it (it calls eqv2_calc.runtime.tune_allocator());
+"eqv2-notune" is the same with tune_allocator=False (glibc's default malloc, as fairchem runs).
 
 usage: python benchmarks/forward.py [--checkpoint PATH] [--refvenv DIR] [--repeat N] [--threads N]
 """
@@ -63,12 +63,12 @@ def structures(tmp: Path) -> dict[str, Path]:
 
 
 def run_worker(
-    python: str, impl: str, ckpt: Path, structure: Path, repeat: int, threads: int, tuned: bool = False
+    python: str, impl: str, ckpt: Path, structure: Path, repeat: int, threads: int, tuned: bool = True
 ) -> dict | None:
     cmd = [python, str(HERE / "_forward_worker.py"), "--impl", impl, "--checkpoint", str(ckpt),
            "--structure", str(structure), "--repeat", str(repeat), "--threads", str(threads)]
-    if tuned:
-        cmd.append("--tune-allocator")
+    if not tuned:
+        cmd.append("--no-tune-allocator")
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -108,8 +108,8 @@ def main() -> None:
         print("-" * len(header))
         for label, path in structures(tmp).items():
             rows = {
-                "eqv2": run_worker(sys.executable, "eqv2", ckpt, path, args.repeat, args.threads),
-                "eqv2+tune": run_worker(sys.executable, "eqv2", ckpt, path, args.repeat, args.threads, tuned=True),
+                "eqv2": run_worker(sys.executable, "eqv2", ckpt, path, args.repeat, args.threads, tuned=True),
+                "eqv2-notune": run_worker(sys.executable, "eqv2", ckpt, path, args.repeat, args.threads, tuned=False),
             }
             if ref_python.exists():
                 rows["fairchem"] = run_worker(str(ref_python), "fairchem", ckpt, path, args.repeat, args.threads)
@@ -119,7 +119,7 @@ def main() -> None:
                 rate = r["gflop"] / r["seconds_min"]
                 print(f"{label:24s} {impl:9s} {r['seconds_min']:8.3f} {r['cpu_seconds_min']:6.2f} {r['gflop']:7.1f} {rate:8.1f} "
                       f"{100 * rate / peak:5.0f}% {r['rss_peak_mib']:13.0f} {r['rss_peak_mib'] - r['rss_loaded_mib']:11.0f}")
-            for name in ("eqv2", "eqv2+tune"):
+            for name in ("eqv2", "eqv2-notune"):
                 if rows.get("fairchem") and rows.get(name):
                     a, b = rows[name], rows["fairchem"]
                     print(f"{'':24s} {'ratio':9s} {name}: speed-up {b['seconds_min'] / a['seconds_min']:.2f}x "

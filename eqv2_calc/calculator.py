@@ -49,6 +49,8 @@ class EquiformerV2Calculator(Calculator):
     device: "auto" (CUDA if available), "cpu", "cuda", "cuda:1", ...
     dtype: "float32" (like fairchem) or "float64".
     use_ema: use the checkpoint's EMA weights instead of ``state_dict``.
+    tune_allocator: call :func:`eqv2_calc.runtime.tune_allocator` (keep freed memory in the
+        process heap; 10–20 % faster calls on CPU, process-wide). Pass False to opt out.
 
     Results: ``energy`` / ``free_energy`` in eV (meaning: ``calc.metadata["energy_convention"]``),
     ``forces`` [N, 3] in eV/Å, unconstrained.
@@ -64,9 +66,14 @@ class EquiformerV2Calculator(Calculator):
         dtype: str | torch.dtype = "float32",
         use_ema: bool = False,
         potential: EquiformerV2Potential | None = None,
+        tune_allocator: bool = True,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
+        if tune_allocator:
+            from eqv2_calc.runtime import tune_allocator as _tune
+
+            _tune()
         if potential is None:
             if checkpoint_path is not None and model_name is not None:
                 raise CheckpointError("give either checkpoint_path or model_name, not both")

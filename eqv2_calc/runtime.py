@@ -1,6 +1,7 @@
 """Process-level performance settings. Nothing here runs on import: call it explicitly.
 
-The ``eqv2`` and ``adsorbml`` command lines call :func:`tune_allocator` at start-up.
+The ``eqv2`` and ``adsorbml`` command lines and ``EquiformerV2Calculator`` (unless created with
+``tune_allocator=False``) call :func:`tune_allocator`.
 """
 
 from __future__ import annotations
