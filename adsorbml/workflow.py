@@ -393,6 +393,24 @@ class RunSummary:
     table: str | None = None
 
 
+
+def _verdict(systems: Sequence[Any], slab_refs: dict, checks: Any, energy_key: str) -> Callable[[str, str, Any], dict]:
+    """Row values for a finished relaxation: its energy (eV) under ``energy_key`` and the
+    anomaly verdict against the relaxed clean slab of its system (same level of theory)."""
+    initial = {(s.system_id, p.config_id): p.atoms for s in systems for p in s.placements}
+    slab_of = {s.system_id: s.slab_id for s in systems}
+
+    def verdict(sid: str, cid: str, r: Any) -> dict:
+        e = float(r.energy)
+        if r.failed or not math.isfinite(e):
+            anomaly = f"relaxation_{r.reason}" if r.failed else "relaxation_non_finite"
+        else:
+            anomaly = detect_anomalies(initial[(sid, cid)], r.atoms, slab_refs[slab_of[sid]], checks).reason
+        return {energy_key: e if math.isfinite(e) else None, "anomaly": anomaly}
+
+    return verdict
+
+
 def _relax_into_store(
     store: RunStore, run_id: int, stage: str, items: list[tuple[str, str, Atoms]], calc: Any, *,
     fmax: float, steps: int, max_atoms: int | None, progress: bool,
@@ -499,17 +517,7 @@ def run_workflow(
                           max_atoms=cfg.max_atoms, progress=False)
     if pending:
         ref = {i: store.get("slab_ml", i, "slab").toatoms() for i in slabs}
-        initial = {(s.system_id, p.config_id): p.atoms for s in systems for p in s.placements}
-        slab_of = {s.system_id: s.slab_id for s in systems}
-
-        def ml_verdict(sid: str, cid: str, r: Any) -> dict:
-            e = float(r.energy)
-            if r.failed or not math.isfinite(e):
-                anomaly = f"relaxation_{r.reason}" if r.failed else "relaxation_non_finite"
-            else:
-                anomaly = detect_anomalies(initial[(sid, cid)], r.atoms, ref[slab_of[sid]], cfg.checks).reason
-            return {"ml_energy": e if math.isfinite(e) else None, "anomaly": anomaly}
-
+        ml_verdict = _verdict(systems, ref, cfg.checks, "ml_energy")
         log(f"ML relaxations: {len(pending)} to run, {len(ml_done)} already in the store")
         ml_seconds = _relax_into_store(store, run_id, "ml", pending, ml_calc, fmax=cfg.fmax, steps=cfg.steps,
                                        max_atoms=cfg.max_atoms, progress=progress, verdict=ml_verdict)
@@ -543,17 +551,7 @@ def run_workflow(
                               steps=cfg.gt_steps, max_atoms=cfg.max_atoms, progress=False)
         if gt_pending:
             gref = {i: store.get("slab_gt", i, "slab").toatoms() for i in slabs}
-            initial = {(s.system_id, p.config_id): p.atoms for s in systems for p in s.placements}
-            slab_of = {s.system_id: s.slab_id for s in systems}
-
-            def gt_verdict(sid: str, cid: str, r: Any) -> dict:
-                e = float(r.energy)
-                if r.failed or not math.isfinite(e):
-                    anomaly = f"relaxation_{r.reason}" if r.failed else "relaxation_non_finite"
-                else:
-                    anomaly = detect_anomalies(initial[(sid, cid)], r.atoms, gref[slab_of[sid]], cfg.checks).reason
-                return {"gt_energy": e if math.isfinite(e) else None, "anomaly": anomaly}
-
+            gt_verdict = _verdict(systems, gref, cfg.checks, "gt_energy")
             log(f"ground-truth (DFT) relaxations: {len(gt_pending)} to run")
             _relax_into_store(store, run_id, "gt", gt_pending, dft_calc, fmax=cfg.gt_fmax, steps=cfg.gt_steps,
                               max_atoms=cfg.max_atoms, progress=progress, verdict=gt_verdict)

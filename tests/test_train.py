@@ -170,7 +170,6 @@ def test_bad_training_input(tmp_path):
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "eqv2-emt-small.pt"
 
 
-@pytest.mark.skipif(not SHIPPED.is_file(), reason="shipped model not present")
 def test_shipped_model_matches_emt_on_held_out_system():
     """Forces of the default calculator vs EMT on a held-out (never trained on) system.
 
