@@ -25,6 +25,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from ase import Atoms
+from ase.geometry.cell import complete_cell
 
 from eqv2_calc.errors import InputError
 
@@ -86,13 +87,6 @@ def check_atoms(atoms: Atoms, index: int | None = None) -> None:
             raise InputError(f"the periodic cell vectors are linearly dependent{where}: {cell.tolist()}")
 
 
-def _complete_cell(cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
-    """Fill zero rows of non-periodic directions so that the cell is invertible (like ASE's complete_cell)."""
-    from ase.geometry.cell import complete_cell
-
-    return np.asarray(complete_cell(cell))
-
-
 def atoms_to_batch(
     atoms_list: Sequence[Atoms], device: torch.device | str = "cpu"
 ) -> AtomsBatch:
@@ -106,7 +100,8 @@ def atoms_to_batch(
     numbers = np.concatenate([a.numbers for a in atoms_list])
     positions = np.concatenate([a.get_positions() for a in atoms_list])
     cells = np.stack(
-        [_complete_cell(np.asarray(a.get_cell()), a.get_pbc()) for a in atoms_list]
+        # zero rows (non-periodic directions without a cell) are filled so the cell is invertible
+        [np.asarray(complete_cell(np.asarray(a.get_cell()))) for a in atoms_list]
     )
     pbc = np.stack([np.asarray(a.get_pbc(), dtype=bool) for a in atoms_list])
     natoms = np.array([len(a) for a in atoms_list])
