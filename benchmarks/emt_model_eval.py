@@ -36,7 +36,6 @@ from ase.calculators.emt import EMT
 from ase.io import read
 
 from eqv2_calc import EquiformerV2Calculator
-from eqv2_calc.errors import InputError
 from eqv2_calc.relax import relax_batch
 from eqv2_calc.train.dataset import fixed_mask
 from eqv2_calc.train.emt_data import adsorbate_atoms
@@ -73,17 +72,7 @@ def relax_agreement(calc: EquiformerV2Calculator, starts_path: Path, fmax: float
         starts = starts[:max_systems]
     names = [a.info["system"] for a in starts]
     t = time.perf_counter()
-    try:
-        ml = relax_batch(starts, calc, fmax=fmax, steps=steps, progress=True)
-    except InputError:
-        # the relaxer stops the whole batch when one structure collapses (atoms < 0.1 Å apart);
-        # relax one by one and count such systems as failures
-        ml = []
-        for a in starts:
-            try:
-                ml.extend(relax_batch([a], calc, fmax=fmax, steps=steps, progress=False))
-            except InputError as exc:
-                ml.append(exc)
+    ml = relax_batch(starts, calc, fmax=fmax, steps=steps, progress=True)
     t_ml = time.perf_counter() - t
     t = time.perf_counter()
     ref = relax_batch(starts, EMT(), fmax=fmax, steps=steps, progress=True)
@@ -91,8 +80,8 @@ def relax_agreement(calc: EquiformerV2Calculator, starts_path: Path, fmax: float
     rows = []
     failed = []
     for name, r_ml, r_emt in zip(names, ml, ref):
-        if isinstance(r_ml, Exception):
-            failed.append({"system": name, "error": str(r_ml)})
+        if r_ml.failed:  # e.g. atoms collapsed onto each other (invalid_geometry)
+            failed.append({"system": name, "reason": r_ml.reason})
             continue
         at = r_ml.atoms.copy()
         at.calc = EMT()

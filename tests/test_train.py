@@ -19,7 +19,7 @@ from eqv2_calc.checkpoint import load_model
 from eqv2_calc.errors import InputError
 from eqv2_calc.model import EquiformerV2, EquiformerV2Config
 from eqv2_calc.train import GraphDataset, TrainConfig, energy_force_loss, read_frames, train
-from eqv2_calc.train.dataset import collate, fit_element_references
+from eqv2_calc.train.dataset import collate, fit_element_references, fixed_mask
 
 TINY = dict(
     num_layers=1, sphere_channels=8, attn_hidden_channels=8, num_heads=2, attn_alpha_channels=4,
@@ -198,3 +198,43 @@ def test_shipped_model_matches_emt_on_held_out_system():
     free[frame.constraints[0].get_indices()] = False
     assert np.abs(f_ml[free] - f_emt[free]).mean() < 0.15
     assert abs(atoms.get_potential_energy() - emt.get_potential_energy()) / len(atoms) < 0.05
+
+
+def test_compressed_frames_sample_repulsion_and_stay_in_training(tmp_path):
+    """Compressed frames: the adsorbate sits closer to its nearest metal atom than at the EMT
+    minimum (65–90 % of that distance unless the force cap shortened the move), EMT says that costs energy and pushes the binding atom
+    back out; they are made for training systems only, and start 0 is the benchmark start."""
+    from eqv2_calc.train.emt_data import (
+        COMPRESSION_RANGE, MAX_COMPRESSED_FORCE, all_systems, generate_emt_dataset, split_systems,
+    )
+
+    which = dict(metals=("Cu",), facets=("111",), adsorbates=("clean", "H", "O", "N", "OH", "CO"))
+    systems = all_systems(**which)
+    m = generate_emt_dataset(tmp_path, progress=False, **which)
+    split = split_systems(systems, seed=0)
+    assert m["frames"]["test"] > 0 and m["frames"]["val"] > 0
+    frames = {part: read(tmp_path / f"{part}.extxyz", index=":") for part in ("train", "val", "test")}
+    assert all(f.info["kind"] != "compressed" for part in ("val", "test") for f in frames[part])
+    starts = {a.info["system"]: a for a in read(tmp_path / "starts.extxyz", index=":")}
+    assert set(starts) == {"-".join(s) for s in systems}
+    compressed = [f for f in frames["train"] if f.info["kind"] == "compressed"]
+    n_ads_train = sum(1 for s in split["train"] if s[2] != "clean")
+    assert len(compressed) == 2 * 2 * n_ads_train  # 2 per start, 2 starts, none for clean slabs
+    for f in compressed:
+        relaxed = next(  # last trajectory frame of the same start = EMT minimum
+            g for g in reversed(frames["train"])
+            if g.info["kind"] == "traj" and g.info["system"] == f.info["system"] and g.info["start"] == f.info["start"]
+        )
+        ads = np.flatnonzero(f.get_tags() == 2)
+        metal = np.flatnonzero(f.get_tags() != 2)
+        d_f = f.get_distances(ads[0], metal, mic=True).min()
+        d_r = relaxed.get_distances(ads[0], metal, mic=True).min()
+        assert COMPRESSION_RANGE[0] - 1e-6 <= d_f / d_r < 1.0  # above the range only if the force cap hit
+        assert np.abs(f.calc.results["forces"][~fixed_mask(f)]).max() <= MAX_COMPRESSED_FORCE
+        assert f.get_potential_energy() > relaxed.get_potential_energy()
+        # net EMT force on the adsorbate points away from the surface (repulsion)
+        assert f.calc.results["forces"][ads, 2].sum() > 0
+        # energy/forces are EMT's at these positions (up to the extxyz text precision)
+        check = f.copy()
+        check.calc = EMT()
+        assert check.get_potential_energy() == pytest.approx(f.get_potential_energy(), abs=1e-5)

@@ -98,11 +98,12 @@ class RelaxResult:
     converged:
         ``fmax < fmax_threshold`` at the final positions.
     failed:
-        The relaxation was stopped because of non-finite or exploding forces or an
-        out-of-memory error that persisted with the structure alone in the batch.
+        The relaxation was stopped because of non-finite or exploding forces, a geometry
+        the potential rejects (atoms closer than it allows) or an out-of-memory error that
+        persisted with the structure alone in the batch.
     reason:
-        ``"converged"``, ``"max_steps"``, ``"non_finite"``, ``"force_explosion"`` or
-        ``"out_of_memory"``.
+        ``"converged"``, ``"max_steps"``, ``"non_finite"``, ``"force_explosion"``,
+        ``"invalid_geometry"`` or ``"out_of_memory"``.
     initial_energy:
         Energy at the input positions, eV.
     trajectory:

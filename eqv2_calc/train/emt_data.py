@@ -12,12 +12,20 @@ position at a bonding height, relaxes it with EMT + ASE BFGS, and keeps
 
 * up to ``traj_frames`` frames spread over the relaxation trajectory (first and last included);
 * ``rattles`` rattled copies (free atoms displaced by N(0, σ²), σ ∈ {0.03, 0.06, 0.1} Å, of
-  the relaxed and of the initial structure).
+  the relaxed and of the initial structure);
+
+and repeats this from ``starts`` different random positions (start 0 is the system's
+benchmark start). Systems of the training split also get ``compressed`` frames per start:
+the relaxed adsorbate moved rigidly towards its nearest metal atom until that distance is
+65–90 % of the relaxed one (less if EMT forces would exceed 20 eV/Å). They show the model the short-range repulsion that relaxation
+trajectories never visit (without them a model may let an N atom pass through a Cu atom);
+they are a training device and are kept out of val/test, whose frames stay the
+near-equilibrium distribution the model is used on.
 
 Each frame is an ``ase.Atoms`` with a ``SinglePointCalculator`` (energy eV, forces eV/Å, raw
 forces including those on fixed atoms), the ``FixAtoms`` constraint and ``info`` keys
-``system`` ("Pt-111-CO"), ``metal``, ``facet``, ``adsorbate``, ``kind`` ("traj"/"rattle"),
-``frame``.
+``system`` ("Pt-111-CO"), ``metal``, ``facet``, ``adsorbate``, ``kind``
+("traj"/"rattle"/"compressed"), ``start`` (0, 1, ...), ``frame``.
 
 The split is **by system**: :func:`split_systems` assigns whole systems to train / val /
 test with a seeded permutation, so no held-out (metal, facet, adsorbate) combination is ever
@@ -53,6 +61,8 @@ from ase.constraints import FixAtoms
 from ase.io import write
 from ase.optimize import BFGS
 
+from eqv2_calc.train.dataset import fixed_mask
+
 METALS: tuple[str, ...] = ("Al", "Cu", "Ag", "Au", "Ni", "Pd", "Pt")
 FACETS: tuple[str, ...] = ("111", "100", "110", "211")
 ADSORBATES: tuple[str, ...] = ("clean", "H", "O", "N", "C", "OH", "CO", "NH", "CH", "CH2", "CH3", "NO")
@@ -61,6 +71,12 @@ SLAB_SIZES: dict[str, tuple[int, int, int]] = {
 }
 RATTLE_SIGMAS: tuple[float, ...] = (0.03, 0.06, 0.1)
 """Å; standard deviations of the rattled frames (cycled)."""
+COMPRESSION_RANGE: tuple[float, float] = (0.65, 0.9)
+"""Range of (adsorbate–nearest metal distance) / (relaxed distance) of the compressed frames."""
+MAX_COMPRESSED_FORCE = 20.0
+"""eV/Å; compressed frames with a larger force component are compressed less (see
+:func:`compressed_frame`), so a few extreme frames do not dominate the force loss and its
+normalisation."""
 
 
 def adsorbate_atoms(name: str) -> Atoms:
@@ -142,25 +158,10 @@ def _seed(seed: int, *parts: str) -> int:
     return zlib.crc32(":".join([str(seed), *parts]).encode())
 
 
-@dataclass
-class SystemData:
-    """Frames of one system plus its unrelaxed start and EMT-relaxed energy (eV)."""
-
-    name: str
-    start: Atoms
-    relaxed_energy: float
-    frames: list[Atoms]
-
-
-def system_frames(
-    metal: str, facet: str, adsorbate: str, seed: int = 0, traj_frames: int = 6, rattles: int = 4,
-    fmax: float = 0.05, max_steps: int = 150,
-) -> SystemData:
-    """EMT frames of one system (see module docstring); deterministic in ``seed``."""
-    name = f"{metal}-{facet}-{adsorbate}"
-    rng = np.random.default_rng(_seed(seed, name))
-    start = place_adsorbate(build_slab(metal, facet), adsorbate, rng)
-    meta = {"system": name, "metal": metal, "facet": facet, "adsorbate": adsorbate}
+def _relax_frames(
+    start: Atoms, rng: np.random.Generator, traj_frames: int, rattles: int, fmax: float, max_steps: int, meta: dict
+) -> tuple[list[Atoms], Atoms, int]:
+    """EMT-relax ``start``; returns (trajectory + rattled frames, relaxed structure, BFGS steps)."""
     work = start.copy()
     work.calc = EMT()
     traj: list[tuple[np.ndarray, float, np.ndarray]] = []
@@ -173,7 +174,6 @@ def system_frames(
     opt.run(fmax=fmax, steps=max_steps)
     if not traj:
         record()
-    relaxed_energy = float(traj[-1][1])
     picks = np.unique(np.linspace(0, len(traj) - 1, num=min(traj_frames, len(traj))).round().astype(int))
     frames = []
     for k in picks:
@@ -181,10 +181,10 @@ def system_frames(
         a = start.copy()
         a.positions = pos
         frames.append(_with_results(a, e, f, kind="traj", frame=int(k), **meta))
-    free = np.ones(len(start), dtype=bool)
-    free[start.constraints[0].get_indices()] = False
+    free = ~fixed_mask(start)
     relaxed = start.copy()
     relaxed.positions = traj[-1][0]
+    relaxed = _with_results(relaxed, traj[-1][1], traj[-1][2], **meta)
     for r in range(rattles):
         base = relaxed if r % 2 == 0 else start
         sigma = RATTLE_SIGMAS[r % len(RATTLE_SIGMAS)]
@@ -193,9 +193,69 @@ def system_frames(
         pos[free] += rng.normal(scale=sigma, size=(int(free.sum()), 3))
         a.positions = pos
         frames.append(_emt_frame(a, kind="rattle", frame=r, **meta))
-    start_out = start.copy()
-    start_out.info.update(meta, emt_relaxed_energy=relaxed_energy, emt_relax_steps=opt.nsteps)
-    return SystemData(name=name, start=start_out, relaxed_energy=relaxed_energy, frames=frames)
+    return frames, relaxed, opt.nsteps
+
+
+def compressed_frame(relaxed: Atoms, rng: np.random.Generator, **info) -> Atoms | None:
+    """``relaxed`` with its adsorbate (tag 2) moved rigidly towards the nearest metal atom so
+    that their distance becomes a random fraction in :data:`COMPRESSION_RANGE` of the relaxed
+    one; EMT-labelled. While the largest free-atom force exceeds
+    :data:`MAX_COMPRESSED_FORCE` the move is halved (at most 4 times). ``None`` for a clean slab."""
+    ads = np.flatnonzero(relaxed.get_tags() == 2)
+    if len(ads) == 0:
+        return None
+    metal = np.flatnonzero(relaxed.get_tags() != 2)
+    free = ~fixed_mask(relaxed)
+    d = relaxed.get_distances(ads[0], metal, mic=True, vector=True)
+    near = d[np.argmin(np.linalg.norm(d, axis=1))]  # binding atom → nearest metal atom, Å
+    shift = near * (1.0 - rng.uniform(*COMPRESSION_RANGE))
+    for _ in range(5):
+        a = relaxed.copy()
+        a.positions[ads] += shift
+        frame = _emt_frame(a, **info)
+        if np.abs(frame.calc.results["forces"][free]).max() <= MAX_COMPRESSED_FORCE:
+            break
+        shift = 0.5 * shift
+    return frame
+
+
+@dataclass
+class SystemData:
+    """Frames of one system plus its unrelaxed start and EMT-relaxed energy (eV)."""
+
+    name: str
+    start: Atoms
+    relaxed_energy: float
+    frames: list[Atoms]
+
+
+def system_frames(
+    metal: str, facet: str, adsorbate: str, seed: int = 0, traj_frames: int = 6, rattles: int = 4,
+    fmax: float = 0.05, max_steps: int = 150, starts: int = 1, compressed: int = 0,
+) -> SystemData:
+    """EMT frames of one system (see module docstring); deterministic in ``seed``.
+
+    ``starts`` random adsorbate positions, each relaxed and sampled (``traj_frames`` +
+    ``rattles`` frames) and, if ``compressed`` > 0, that many compressed frames per start.
+    ``SystemData.start``/``relaxed_energy`` are those of start 0."""
+    name = f"{metal}-{facet}-{adsorbate}"
+    meta = {"system": name, "metal": metal, "facet": facet, "adsorbate": adsorbate}
+    slab = build_slab(metal, facet)
+    frames: list[Atoms] = []
+    for k in range(starts):
+        rng = np.random.default_rng(_seed(seed, name) if k == 0 else _seed(seed, name, str(k)))
+        start_k = place_adsorbate(slab, adsorbate, rng)
+        new, relaxed, nsteps = _relax_frames(start_k, rng, traj_frames, rattles, fmax, max_steps, {**meta, "start": k})
+        frames += new
+        for c in range(compressed):
+            frame = compressed_frame(relaxed, rng, kind="compressed", frame=c, start=k, **meta)
+            if frame is not None:
+                frames.append(frame)
+        if k == 0:
+            first, relaxed_energy, first_steps = start_k, relaxed.get_potential_energy(), nsteps
+    start_out = first.copy()
+    start_out.info.update(meta, emt_relaxed_energy=float(relaxed_energy), emt_relax_steps=first_steps)
+    return SystemData(name=name, start=start_out, relaxed_energy=float(relaxed_energy), frames=frames)
 
 
 def all_systems(
@@ -220,19 +280,26 @@ def split_systems(
     return {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
 
 
-def _system_job(sysdef: tuple[str, str, str], seed: int, traj_frames: int, rattles: int) -> SystemData:
-    return system_frames(*sysdef, seed=seed, traj_frames=traj_frames, rattles=rattles)
+def generation_options(seed: int = 0, traj_frames: int = 6, rattles: int = 4, starts: int = 2, compressed: int = 2) -> dict:
+    """The options that determine a generated data set (recorded in ``manifest.json``)."""
+    return {"seed": seed, "traj_frames": traj_frames, "rattles": rattles, "starts": starts, "compressed": compressed}
+
+
+def _system_job(job: tuple[tuple[str, str, str], int], seed: int, traj_frames: int, rattles: int, starts: int) -> SystemData:
+    sysdef, compressed = job
+    return system_frames(*sysdef, seed=seed, traj_frames=traj_frames, rattles=rattles, starts=starts, compressed=compressed)
 
 
 def generate_emt_dataset(
-    out_dir: str | Path, seed: int = 0, traj_frames: int = 6, rattles: int = 4,
+    out_dir: str | Path, seed: int = 0, traj_frames: int = 6, rattles: int = 4, starts: int = 2, compressed: int = 2,
     metals: Sequence[str] = METALS, facets: Sequence[str] = FACETS, adsorbates: Sequence[str] = ADSORBATES,
     progress: bool = True, workers: int = 1,
 ) -> dict:
     """Generate all systems, write ``{train,val,test,starts}.extxyz`` + ``manifest.json`` to
     ``out_dir``; returns the manifest (frame counts, systems per split, seconds).
 
-    ``workers`` > 1 generates systems in that many processes (same output: every system is
+    ``starts`` and ``compressed`` as in :func:`system_frames`; compressed frames are made for
+    training systems only. ``workers`` > 1 generates systems in that many processes (same output: every system is
     seeded on its own)."""
     from tqdm.auto import tqdm
 
@@ -243,25 +310,26 @@ def generate_emt_dataset(
     split = split_systems(systems, seed)
     which = {s: name for name, ss in split.items() for s in ss}
     frames: dict[str, list[Atoms]] = {"train": [], "val": [], "test": []}
-    starts: list[Atoms] = []
-    job = partial(_system_job, seed=seed, traj_frames=traj_frames, rattles=rattles)
+    benchmark_starts: list[Atoms] = []
+    job = partial(_system_job, seed=seed, traj_frames=traj_frames, rattles=rattles, starts=starts)
+    jobs = [(s, compressed if which[s] == "train" else 0) for s in systems]
     if workers > 1:
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            results = list(tqdm(pool.imap(job, systems), total=len(systems), desc="EMT systems", disable=not progress))
+            results = list(tqdm(pool.imap(job, jobs), total=len(jobs), desc="EMT systems", disable=not progress))
     else:
-        results = [job(s) for s in tqdm(systems, desc="EMT systems", disable=not progress)]
+        results = [job(j) for j in tqdm(jobs, desc="EMT systems", disable=not progress)]
     for sysdef, data in zip(systems, results):
         part = which[sysdef]
         for f in data.frames:
             f.info["split"] = part
         data.start.info["split"] = part
         frames[part].extend(data.frames)
-        starts.append(data.start)
+        benchmark_starts.append(data.start)
     for part, fr in frames.items():
         write(out / f"{part}.extxyz", fr, format="extxyz")
-    write(out / "starts.extxyz", starts, format="extxyz")
+    write(out / "starts.extxyz", benchmark_starts, format="extxyz")
     manifest = {
-        "seed": seed, "traj_frames": traj_frames, "rattles": rattles,
+        **generation_options(seed, traj_frames, rattles, starts, compressed),
         "frames": {k: len(v) for k, v in frames.items()},
         "atoms": {k: int(sum(len(a) for a in v)) for k, v in frames.items()},
         "systems": {k: ["-".join(s) for s in v] for k, v in split.items()},
@@ -275,12 +343,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out_dir", help="output directory for {train,val,test,starts}.extxyz")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--traj-frames", type=int, default=6, help="frames kept per relaxation trajectory")
-    p.add_argument("--rattles", type=int, default=4, help="rattled frames per system")
+    p.add_argument("--rattles", type=int, default=4, help="rattled frames per start")
+    p.add_argument("--starts", type=int, default=2, help="random adsorbate positions per system")
+    p.add_argument("--compressed", type=int, default=2, help="compressed-adsorbate frames per start (training systems)")
     p.add_argument("--workers", type=int, default=2, help="processes (output does not depend on it)")
 
 
 def run(args: argparse.Namespace) -> int:
-    m = generate_emt_dataset(args.out_dir, seed=args.seed, traj_frames=args.traj_frames, rattles=args.rattles, workers=args.workers)
+    m = generate_emt_dataset(args.out_dir, seed=args.seed, traj_frames=args.traj_frames, rattles=args.rattles,
+                             starts=args.starts, compressed=args.compressed, workers=args.workers)
     print(json.dumps({k: m[k] for k in ("frames", "atoms", "seconds")}))
     return 0
 

@@ -6,7 +6,7 @@ One command, seeded end to end::
     python -m eqv2_calc.train.ship --threads 1          # what the shipped model was trained with
 
 Steps: (1) :func:`eqv2_calc.train.emt_data.generate_emt_dataset` (skipped if the data
-directory already holds a manifest with the same seed; ``--regenerate`` forces it),
+directory already holds a manifest with the same generation options; ``--regenerate`` forces it),
 (2) :func:`eqv2_calc.train.loop.train` with :data:`EMT_SMALL` (resumes a killed run from
 ``runs/emt-small/resume.pt``), then a second stage :data:`EMT_SMALL_FINETUNE` from its final
 EMA weights in ``runs/emt-small-ft``, (3) copies the second stage's ``final.pt`` (EMA weights
@@ -20,6 +20,7 @@ import json
 import shutil
 from pathlib import Path
 
+from eqv2_calc.train.emt_data import generate_emt_dataset, generation_options
 from eqv2_calc.train.loop import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,16 +35,16 @@ EMT_SMALL_MODEL: dict = dict(
 come from the training data)."""
 
 EMT_SMALL: dict = dict(
-    model=EMT_SMALL_MODEL, seed=0, epochs=12, batch_size=8, lr=1.5e-3, min_lr_ratio=0.01,
+    model=EMT_SMALL_MODEL, seed=0, epochs=9, batch_size=8, lr=1.5e-3, min_lr_ratio=0.01,
     warmup_steps=100, warmup_factor=0.1, weight_decay=1e-3, clip_grad_norm=10.0, ema_decay=0.999,
-    energy_coef=1.0, force_coef=5.0, checkpoint_every=100, eval_every=500, log_every=10,
+    energy_coef=1.0, force_coef=5.0, checkpoint_every=100, eval_every=1000, log_every=10,
 )
 """Training options of the shipped model, stage 1 (TrainConfig fields, without paths)."""
 
 EMT_SMALL_FINETUNE: dict = dict(
-    seed=1, epochs=5, batch_size=8, lr=4e-4, min_lr_ratio=0.01, warmup_steps=50, warmup_factor=0.1,
+    seed=1, epochs=3, batch_size=8, lr=4e-4, min_lr_ratio=0.01, warmup_steps=50, warmup_factor=0.1,
     weight_decay=1e-3, clip_grad_norm=10.0, ema_decay=0.999, energy_coef=1.0, force_coef=10.0,
-    checkpoint_every=100, eval_every=500, log_every=10,
+    checkpoint_every=100, eval_every=1000, log_every=10,
 )
 """Stage 2: continue from stage 1's EMA weights (same architecture and normalisation) with a
 lower learning rate and more weight on forces."""
@@ -69,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     data_dir, out_dir = Path(args.data_dir), Path(args.out_dir)
     manifest = data_dir / "manifest.json"
-    if args.regenerate or not manifest.is_file() or json.loads(manifest.read_text()).get("seed") != args.seed:
-        from eqv2_calc.train.emt_data import generate_emt_dataset
-
+    wanted = generation_options(seed=args.seed)
+    have = json.loads(manifest.read_text()) if manifest.is_file() else {}
+    if args.regenerate or any(have.get(k) != v for k, v in wanted.items()):
         generate_emt_dataset(data_dir, seed=args.seed, workers=args.workers)
     cfg = ship_config(data_dir, out_dir, seed=args.seed, threads=args.threads)
     stage1 = train(cfg)
