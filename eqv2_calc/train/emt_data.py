@@ -17,10 +17,10 @@ position at a bonding height, relaxes it with EMT + ASE BFGS, and keeps
 and repeats this from ``starts`` different random positions (start 0 is the system's
 benchmark start). Systems of the training split also get ``compressed`` frames per start:
 the relaxed adsorbate moved rigidly towards its nearest metal atom until that distance is
-65–90 % of the relaxed one (less if EMT forces would exceed 20 eV/Å). They show the model the short-range repulsion that relaxation
-trajectories never visit (without them a model may let an N atom pass through a Cu atom);
-they are a training device and are kept out of val/test, whose frames stay the
-near-equilibrium distribution the model is used on.
+65–90 % of the relaxed one (less if EMT forces would exceed 20 eV/Å). They show the model
+the short-range repulsion that relaxation trajectories never visit (without them a model
+may let an N atom pass through a Cu atom); they are a training device and are kept out of
+val/test, whose frames stay the near-equilibrium distribution the model is used on.
 
 Each frame is an ``ase.Atoms`` with a ``SinglePointCalculator`` (energy eV, forces eV/Å, raw
 forces including those on fixed atoms), the ``FixAtoms`` constraint and ``info`` keys
