@@ -3,7 +3,7 @@
 One command, seeded end to end::
 
     python -m eqv2_calc.train.ship                      # data → runs/emt-data, training → runs/emt-small
-    python -m eqv2_calc.train.ship --threads 1          # what the shipped model was trained with
+    python -m eqv2_calc.train.ship --threads 2          # what the shipped model was trained with (~1 h)
 
 Steps: (1) :func:`eqv2_calc.train.emt_data.generate_emt_dataset` (skipped if the data
 directory already holds a manifest with the same generation options; ``--regenerate`` forces it),
