@@ -299,8 +299,8 @@ def generate_emt_dataset(
     ``out_dir``; returns the manifest (frame counts, systems per split, seconds).
 
     ``starts`` and ``compressed`` as in :func:`system_frames`; compressed frames are made for
-    training systems only. ``workers`` > 1 generates systems in that many processes (same output: every system is
-    seeded on its own)."""
+    training systems only. ``workers`` > 1 generates systems in that many processes (same
+    output: every system is seeded on its own)."""
     from tqdm.auto import tqdm
 
     out = Path(out_dir)
