@@ -393,7 +393,6 @@ class RunSummary:
     table: str | None = None
 
 
-
 def _verdict(systems: Sequence[Any], slab_refs: dict, checks: Any, energy_key: str) -> Callable[[str, str, Any], dict]:
     """Row values for a finished relaxation: its energy (eV) under ``energy_key`` and the
     anomaly verdict against the relaxed clean slab of its system (same level of theory)."""

@@ -21,8 +21,9 @@ def tune_allocator() -> bool:
     Every forward pass allocates and frees tensors of tens of MB. With glibc's defaults each
     of them is a fresh ``mmap`` whose pages fault in on first touch; this costs 10–15 % of
     the CPU time of a 31M-model call on a 66-atom slab. After this call, large blocks come
-    from the heap (``M_MMAP_MAX = 0``) and are not trimmed (``M_TRIM_THRESHOLD`` = 64 GiB),
-    so the process keeps its peak memory until it exits.
+    from the heap (``M_MMAP_MAX = 0``), and the heap is trimmed only when more than 2 GiB of
+    it is free (``M_TRIM_THRESHOLD`` = 2³¹ − 1 bytes, the largest value mallopt takes), so the
+    process keeps up to 2 GiB of freed memory for reuse.
 
     Process-wide and irreversible; a no-op (returning False) where glibc is not the C library.
     """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 from ase.io import read
@@ -40,7 +41,9 @@ def test_tune_allocator_is_idempotent_and_keeps_results(structures):
 
     atoms = structures["Pt100_OH"]
     before = calculator("eqv2_tiny_l4m2").predict_batch([atoms])[0]
-    assert tune_allocator() in (True, False)
-    assert tune_allocator() == tune_allocator()
+    applied = tune_allocator()
+    if sys.platform.startswith("linux"):  # glibc: the setting must actually be applied
+        assert applied is True
+    assert tune_allocator() is applied  # idempotent
     after = calculator("eqv2_tiny_l4m2").predict_batch([atoms])[0]
     assert after["energy"] == before["energy"]

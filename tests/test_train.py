@@ -238,3 +238,18 @@ def test_compressed_frames_sample_repulsion_and_stay_in_training(tmp_path):
         check = f.copy()
         check.calc = EMT()
         assert check.get_potential_energy() == pytest.approx(f.get_potential_energy(), abs=1e-5)
+
+
+def test_emt_data_rejects_bad_counts(tmp_path, capsys):
+    from eqv2_calc.cli import main
+    from eqv2_calc.train.emt_data import generate_emt_dataset, system_frames
+
+    with pytest.raises(InputError, match="starts >= 1"):
+        system_frames("Cu", "111", "H", starts=0)
+    with pytest.raises(InputError, match="compressed >= 0"):
+        generate_emt_dataset(tmp_path, compressed=-1, progress=False)
+    with pytest.raises(InputError, match="no EMT parameters"):
+        system_frames("Fe", "111", "H")
+    assert main(["emt-data", str(tmp_path / "d"), "--starts", "0"]) == 2
+    assert "starts >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()

@@ -103,7 +103,7 @@ class RelaxResult:
         persisted with the structure alone in the batch.
     reason:
         ``"converged"``, ``"max_steps"``, ``"non_finite"``, ``"force_explosion"``,
-        ``"invalid_geometry"`` or ``"out_of_memory"``.
+        ``"invalid_geometry: <the potential's message>"`` or ``"out_of_memory"``.
     initial_energy:
         Energy at the input positions, eV.
     trajectory:

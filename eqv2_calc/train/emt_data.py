@@ -61,6 +61,7 @@ from ase.constraints import FixAtoms
 from ase.io import write
 from ase.optimize import BFGS
 
+from eqv2_calc.errors import InputError
 from eqv2_calc.train.dataset import fixed_mask
 
 METALS: tuple[str, ...] = ("Al", "Cu", "Ag", "Au", "Ni", "Pd", "Pt")
@@ -94,16 +95,16 @@ def adsorbate_atoms(name: str) -> Atoms:
         ang = np.deg2rad([0.0, 120.0, 240.0])
         h = [[1.03 * np.cos(a), 1.03 * np.sin(a), 0.37] for a in ang]
         return Atoms("CH3", positions=[[0, 0, 0], *h])
-    raise ValueError(f"unknown adsorbate {name!r}; known: {', '.join(ADSORBATES[1:])}")
+    raise InputError(f"unknown adsorbate {name!r}; known: {', '.join(ADSORBATES[1:])}")
 
 
 def build_slab(metal: str, facet: str) -> Atoms:
     """A small ``metal`` slab of ``facet`` (see module docstring) with its bottom third fixed."""
     if metal not in METALS:
-        raise ValueError(f"metal {metal!r} has no EMT parameters; choose from {METALS}")
+        raise InputError(f"metal {metal!r} has no EMT parameters; choose from {METALS}")
     build = {"111": fcc111, "100": fcc100, "110": fcc110, "211": fcc211}
     if facet not in build:
-        raise ValueError(f"unknown facet {facet!r}; choose from {FACETS}")
+        raise InputError(f"unknown facet {facet!r}; choose from {FACETS}")
     slab = build[facet](metal, size=SLAB_SIZES[facet], vacuum=6.0)
     z = slab.positions[:, 2]
     nfix = len(slab) // 3
@@ -235,9 +236,11 @@ def system_frames(
 ) -> SystemData:
     """EMT frames of one system (see module docstring); deterministic in ``seed``.
 
-    ``starts`` random adsorbate positions, each relaxed and sampled (``traj_frames`` +
-    ``rattles`` frames) and, if ``compressed`` > 0, that many compressed frames per start.
-    ``SystemData.start``/``relaxed_energy`` are those of start 0."""
+    ``starts`` (≥ 1) random adsorbate positions, each relaxed with EMT + BFGS to ``fmax``
+    (eV/Å, at most ``max_steps`` steps) and sampled (``traj_frames`` + ``rattles`` frames) and,
+    if ``compressed`` > 0, that many compressed frames per start.
+    ``SystemData.start``/``relaxed_energy`` (eV) are those of start 0."""
+    _check_counts(starts=starts, traj_frames=traj_frames, rattles=rattles, compressed=compressed)
     name = f"{metal}-{facet}-{adsorbate}"
     meta = {"system": name, "metal": metal, "facet": facet, "adsorbate": adsorbate}
     slab = build_slab(metal, facet)
@@ -280,6 +283,14 @@ def split_systems(
     return {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
 
 
+def _check_counts(starts: int, traj_frames: int, rattles: int, compressed: int) -> None:
+    if starts < 1 or traj_frames < 1 or rattles < 0 or compressed < 0:
+        raise InputError(
+            f"need starts >= 1, traj_frames >= 1, rattles >= 0 and compressed >= 0; got starts={starts}, "
+            f"traj_frames={traj_frames}, rattles={rattles}, compressed={compressed}"
+        )
+
+
 def generation_options(seed: int = 0, traj_frames: int = 6, rattles: int = 4, starts: int = 2, compressed: int = 2) -> dict:
     """The options that determine a generated data set (recorded in ``manifest.json``)."""
     return {"seed": seed, "traj_frames": traj_frames, "rattles": rattles, "starts": starts, "compressed": compressed}
@@ -303,6 +314,7 @@ def generate_emt_dataset(
     output: every system is seeded on its own)."""
     from tqdm.auto import tqdm
 
+    _check_counts(starts=starts, traj_frames=traj_frames, rattles=rattles, compressed=compressed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     wanted = generation_options(seed=args.seed)
     have = json.loads(manifest.read_text()) if manifest.is_file() else {}
     if args.regenerate or any(have.get(k) != v for k, v in wanted.items()):
-        generate_emt_dataset(data_dir, seed=args.seed, workers=args.workers)
+        generate_emt_dataset(data_dir, **wanted, workers=args.workers)
     cfg = ship_config(data_dir, out_dir, seed=args.seed, threads=args.threads)
     stage1 = train(cfg)
     cfg2 = TrainConfig.from_dict({
