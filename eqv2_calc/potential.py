@@ -1,4 +1,4 @@
-"""The force-provider interface shared by the calculator's batch API and the relaxer.
+"""The force-provider interface shared by the calculator's batch API, the relaxer and AdsorbML.
 
 A *potential* maps a packed :class:`~eqv2_calc.graph.AtomsBatch` to per-system energies
 and per-atom forces::
@@ -6,14 +6,23 @@ and per-atom forces::
     energy, forces = potential(batch)   # energy [S] float64 eV, forces [N, 3] float64 eV/Å
 
 Forces are raw (constraints such as ASE ``FixAtoms`` are not applied). Implementations:
-:class:`ASEPotential` (any ASE calculator, structure by structure) and
-:class:`eqv2_calc.model.EquiformerV2Potential` (batched, on the model's device).
+:class:`EquiformerV2Potential` (batched, on the model's device) and :class:`ASEPotential`
+(any ASE calculator, structure by structure). :func:`resolve_potential` turns what a user
+passes (an ASE calculator, an ``EquiformerV2Calculator``, a potential) into one.
+
+Optional capabilities are explicit class attributes, so callers never test concrete classes:
+
+* ``counts_edges``: :meth:`Potential.count_edges` gives edges per system (edge budgets);
+* per-structure state: the relaxer calls :meth:`Potential.attach` when a structure joins a
+  batch, passes the structures' keys to ``__call__`` and calls :meth:`Potential.release`
+  when it leaves. Stateless potentials ignore all three (the defaults).
 """
 
 from __future__ import annotations
 
+import copy
 import os
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -29,61 +38,178 @@ if TYPE_CHECKING:
     from eqv2_calc.model import EquiformerV2
 
 
-@runtime_checkable
-class Potential(Protocol):
-    """Anything that evaluates energies [S] (eV) and forces [N, 3] (eV/Å) of a batch."""
+class Potential:
+    """Base class of force providers: energies [S] (eV) and raw forces [N, 3] (eV/Å) of a batch.
 
-    device: torch.device
-
-    def __call__(self, batch: AtomsBatch) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-
-def batch_to_atoms(batch: AtomsBatch) -> list[Atoms]:
-    """Unpack a batch into ASE Atoms (positions Å, cell, pbc); no calculators or constraints."""
-    numbers = batch.numbers.cpu().numpy()
-    positions = batch.positions.detach().cpu().numpy()
-    cells = batch.cell.cpu().numpy()
-    pbc = batch.pbc.cpu().numpy()
-    bounds = np.concatenate([[0], np.cumsum(batch.natoms.cpu().numpy())])
-    return [
-        Atoms(numbers=numbers[a:b], positions=positions[a:b], cell=cells[s], pbc=pbc[s])
-        for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))
-    ]
-
-
-class ASEPotential:
-    """Wrap an ASE calculator as a :class:`Potential` (evaluates systems one by one on the CPU).
-
-    ``calc_factory`` may be given instead of ``calc`` when a fresh calculator per call is
-    needed. Energies come from ``get_potential_energy()``; forces are the unconstrained
-    ``calc.get_forces`` results.
+    Subclasses implement :meth:`__call__` and set ``device``; they opt into capabilities by
+    setting ``counts_edges = True`` (and implementing :meth:`count_edges`) or by overriding
+    :meth:`attach` / :meth:`release` to keep per-structure state.
     """
 
-    def __init__(self, calc: BaseCalculator):
-        self.calc = calc
-        self.device = torch.device("cpu")
+    device: torch.device = torch.device("cpu")
+    counts_edges: bool = False
+    """True if :meth:`count_edges` is implemented (needed for ``max_edges`` budgets)."""
 
-    def __call__(self, batch: AtomsBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, batch: AtomsBatch, keys: Sequence[Hashable] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Energies [S] float64 (eV) and forces [N, 3] float64 (eV/Å) on ``batch.device``.
+
+        ``keys`` name the structures of the batch in order (those given to :meth:`attach`),
+        or None for structures that were never attached.
+        """
+        raise NotImplementedError
+
+    def count_edges(self, batch: AtomsBatch) -> torch.Tensor:
+        """Edges per system [S] (int64); only if ``counts_edges`` is True."""
+        raise InputError(
+            f"{type(self).__name__} cannot count edges: use an atom budget (max_atoms) instead of max_edges"
+        )
+
+    def attach(self, key: Hashable, atoms: Atoms) -> None:
+        """A structure ``atoms`` joins under ``key`` (default: nothing to remember)."""
+
+    def release(self, key: Hashable) -> None:
+        """The structure ``key`` left for good (default: nothing to forget)."""
+
+
+SharePolicy = Literal["auto", "share", "copy", "fresh"]
+SHARE_POLICIES: tuple[str, ...] = ("auto", "share", "copy", "fresh")
+
+
+class ASEPotential(Potential):
+    """Any ASE calculator as a :class:`Potential`, evaluating the structures one by one on the CPU.
+
+    ``policy`` says which calculator object evaluates each structure:
+
+    * ``"share"``: the given ``calc`` for every structure (file-based and third-party
+      calculators: never duplicate a model or clash on files);
+    * ``"copy"``: one private deep copy of ``calc`` per structure, kept while it relaxes, so a
+      calculator with internal state (EMT's neighbour list with skin) updates incrementally,
+      exactly as in a sequential ASE run of that structure;
+    * ``"fresh"``: a new calculator for every evaluation (``factory()``, or a deep copy of
+      ``calc`` as it was when this object was made): results depend only on the structure,
+      bitwise;
+    * ``"auto"`` (default): ``"copy"`` for ASE's own in-memory calculators (EMT,
+      LennardJones, Morse, ... and subclasses), ``"share"`` for everything else.
+
+    Energies come from ``get_potential_energy()``, forces from ``get_forces(apply_constraint=False)``.
+    """
+
+    def __init__(
+        self,
+        calc: BaseCalculator | None = None,
+        policy: SharePolicy = "auto",
+        factory: Callable[[], BaseCalculator] | None = None,
+    ) -> None:
+        if policy not in SHARE_POLICIES:
+            raise InputError(f"policy={policy!r}; expected one of {SHARE_POLICIES}")
+        if calc is None:
+            if factory is None:
+                raise InputError("ASEPotential needs an ASE calculator (calc=...) or a factory")
+            if policy not in ("auto", "fresh"):
+                raise InputError(f"policy={policy!r} needs calc=...; a factory alone means policy='fresh'")
+            policy = "fresh"
+        elif policy == "auto":
+            policy = "copy" if _ase_in_memory(calc) else "share"
+        self.calc = calc
+        self.policy: str = policy
+        self.device = torch.device("cpu")
+        self._template = copy.deepcopy(calc) if policy in ("copy", "fresh") and calc is not None else None
+        self._factory = factory
+        self._slots: dict[Hashable, Atoms] = {}
+
+    def _new_calculator(self) -> BaseCalculator:
+        if self._factory is not None:
+            return self._factory()
+        return copy.deepcopy(self._template)
+
+    def attach(self, key: Hashable, atoms: Atoms) -> None:
+        """Keep a private copy of ``atoms`` (without constraints) and, with ``policy="copy"``,
+        its own calculator while the structure relaxes."""
+        mine = atoms.copy()  # keeps tags, masses, magnetic moments, charges, info
+        mine.set_constraint()
+        mine.calc = self._new_calculator() if self.policy == "copy" else self.calc
+        self._slots[key] = mine
+
+    def release(self, key: Hashable) -> None:
+        self._slots.pop(key, None)
+
+    def __call__(
+        self, batch: AtomsBatch, keys: Sequence[Hashable] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = batch.positions.detach().cpu().numpy()
+        bounds = batch.atom_bounds()
+        unpacked = None
         energies, forces = [], []
-        for atoms in batch_to_atoms(batch):
-            atoms.calc = self.calc
+        for s in range(batch.num_systems):
+            a, b = bounds[s], bounds[s + 1]
+            atoms = self._slots.get(keys[s]) if keys is not None else None
+            if atoms is not None:
+                atoms.set_positions(pos[a:b], apply_constraint=False)
+            else:  # not attached: a temporary structure, and no state kept for it
+                unpacked = batch.to_atoms() if unpacked is None else unpacked
+                atoms = unpacked[s]
+                atoms.calc = self.calc if self.policy == "share" else self._new_calculator()
+            if self.policy == "fresh":
+                atoms.calc = self._new_calculator()
             energies.append(atoms.get_potential_energy())
             forces.append(atoms.get_forces(apply_constraint=False))
-        dev = batch.device
         return (
-            torch.tensor(energies, dtype=torch.float64, device=dev),
-            torch.as_tensor(np.concatenate(forces), dtype=torch.float64, device=dev),
+            torch.tensor(energies, dtype=torch.float64, device=batch.device),
+            torch.as_tensor(np.concatenate(forces), dtype=torch.float64, device=batch.device),
         )
 
 
-class EquiformerV2Potential:
+def _ase_in_memory(calc: BaseCalculator) -> bool:
+    """ASE's own in-memory calculators (EMT, LennardJones, Morse, ... and subclasses of them)
+    are cheap and safe to copy per structure; file-based and third-party calculators are not."""
+    from ase.calculators.calculator import FileIOCalculator
+
+    try:
+        from ase.calculators.genericfileio import GenericFileIOCalculator
+    except ImportError:  # pragma: no cover - old ASE
+        GenericFileIOCalculator = FileIOCalculator  # type: ignore[misc,assignment]
+    if isinstance(calc, (FileIOCalculator, GenericFileIOCalculator)):
+        return False
+    base_modules = ("ase.calculators.calculator", "ase.calculators.abc", "ase.calculators.genericfileio")
+    for cls in type(calc).__mro__:
+        if cls.__module__.startswith("ase.calculators."):
+            # the first ASE class in the hierarchy: a concrete ASE calculator, or just a base class?
+            return cls.__module__ not in base_modules
+    return False
+
+
+def resolve_potential(obj: Any) -> Potential:
+    """Turn what the user passed into a :class:`Potential`.
+
+    Accepted: a :class:`Potential`; an object with a ``potential`` attribute that is one
+    (e.g. ``EquiformerV2Calculator``); any ASE calculator (wrapped in :class:`ASEPotential`
+    with ``policy="auto"``).
+    """
+    if isinstance(obj, Potential):
+        return obj
+    inner = getattr(obj, "potential", None)
+    if isinstance(inner, Potential):
+        return inner
+    if isinstance(obj, BaseCalculator):
+        return ASEPotential(obj)
+    raise InputError(
+        f"cannot use a {type(obj).__name__} as force provider: pass an ASE calculator, an "
+        "EquiformerV2Calculator, or an eqv2_calc.potential.Potential subclass"
+    )
+
+
+class EquiformerV2Potential(Potential):
     """A loaded EquiformerV2 as a batched :class:`Potential` on the model's device.
 
     Builds the radius graph of each system (the checkpoint's cutoff, max_neighbors and strict
     mode), runs the model without autograd and returns float64 energies [S] (eV) and forces
     [N, 3] (eV/Å). Atoms with no neighbour within the cutoff get the model's isolated-atom
-    energy and zero force.
+    energy and zero force. Stateless; counts edges.
     """
+
+    counts_edges = True
 
     def __init__(self, model: "EquiformerV2", meta: "CheckpointMeta | None" = None):
         self.model = model
@@ -127,8 +253,10 @@ class EquiformerV2Potential:
             forces = torch.zeros_like(batch.positions)
         return energy.double(), forces.double()
 
-    def __call__(self, batch: AtomsBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = batch.to(self.device)
+    def __call__(
+        self, batch: AtomsBatch, keys: Sequence[Hashable] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = batch.as_atoms_batch().to(self.device)
         return self.evaluate(batch, self.graph(batch))
 
 
@@ -137,11 +265,14 @@ def load_potential(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str = torch.float32,
     use_ema: bool = False,
+    trust_checkpoint: bool = False,
 ) -> EquiformerV2Potential:
-    """Load a checkpoint (file or official name) as a batched potential; see :func:`load_model`."""
+    """Load a checkpoint (file or official name) as a batched potential; see :func:`load_model`
+    (``trust_checkpoint``: also load files beyond the safe unpickling allow-list)."""
     from eqv2_calc.checkpoint import load_model
 
-    model, meta = load_model(path_or_name, device=resolve_device(device), dtype=resolve_dtype(dtype), use_ema=use_ema)
+    model, meta = load_model(path_or_name, device=resolve_device(device), dtype=resolve_dtype(dtype), use_ema=use_ema,
+                             trust_checkpoint=trust_checkpoint)
     return EquiformerV2Potential(model, meta)
 
 

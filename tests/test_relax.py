@@ -13,9 +13,9 @@ from ase.io import read
 from ase.optimize import LBFGS
 
 from eqv2_calc.errors import InputError
-from eqv2_calc.potential import ASEPotential
+from eqv2_calc.potential import ASEPotential, Potential
 from eqv2_calc.relax import RelaxStats, relax_batch
-from eqv2_calc.relax.testing import FaultyPotential, FreshCalculatorPotential, adsorbate_slab, slab_systems
+from eqv2_calc.relax.testing import FaultyPotential, adsorbate_slab, slab_systems
 
 FMAX = 0.05
 STEPS = 300
@@ -217,9 +217,9 @@ def test_nan_in_one_system_does_not_touch_the_others():
     systems = slab_systems(8, rattle=0.05)
     poisoned = [i for i, s in enumerate(systems) if {7, 78} <= set(s.numbers)]  # the Pt + N system
     assert len(poisoned) == 1
-    ref = relax_batch(systems, FaultyPotential(FreshCalculatorPotential(EMT)), max_atoms=60, progress=False)
+    ref = relax_batch(systems, FaultyPotential(ASEPotential(factory=EMT)), max_atoms=60, progress=False)
     pt, n = _by_element(78), _by_element(7)
-    pot = FaultyPotential(FreshCalculatorPotential(EMT), nan_when=lambda b, c: pt(b, c) & n(b, c) & (c >= 4))
+    pot = FaultyPotential(ASEPotential(factory=EMT), nan_when=lambda b, c: pt(b, c) & n(b, c) & (c >= 4))
     out = relax_batch(systems, pot, max_atoms=60, progress=False)
     for i, (r0, r1) in enumerate(zip(ref, out)):
         if i in poisoned:
@@ -234,8 +234,8 @@ def test_exploding_forces_are_flagged():
     systems = slab_systems(3)
 
     class Exploding(FaultyPotential):
-        def __call__(self, batch):
-            e, f = super().__call__(batch)
+        def __call__(self, batch, keys=None):
+            e, f = super().__call__(batch, keys)
             boom = _by_element(29)(batch, 0)[batch.system_idx][:, None]  # the Cu system
             return e, torch.where(boom, f * 1e7, f)
 
@@ -249,9 +249,9 @@ def test_exploding_forces_are_flagged():
 def test_out_of_memory_shrinks_batch_and_continues_from_state():
     systems = slab_systems(10, rattle=0.05)
     ref_stats = RelaxStats()
-    ref = relax_batch(systems, FaultyPotential(FreshCalculatorPotential(EMT)), max_atoms=80,
+    ref = relax_batch(systems, FaultyPotential(ASEPotential(factory=EMT)), max_atoms=80,
                       progress=False, stats=ref_stats)
-    pot = FaultyPotential(FreshCalculatorPotential(EMT), oom_when=lambda b, c: c == 5)
+    pot = FaultyPotential(ASEPotential(factory=EMT), oom_when=lambda b, c: c == 5)
     stats = RelaxStats()
     out = relax_batch(systems, pot, max_atoms=80, progress=False, stats=stats)
     assert stats.oom_events == 1
@@ -275,10 +275,8 @@ def test_out_of_memory_alone_fails_only_that_system():
 
 
 def test_other_errors_propagate():
-    class Broken:
-        device = torch.device("cpu")
-
-        def __call__(self, batch):
+    class Broken(Potential):
+        def __call__(self, batch, keys=None):
             raise RuntimeError("shape mismatch in layer 3")
 
     with pytest.raises(RuntimeError, match="shape mismatch"):

@@ -18,7 +18,8 @@ from eqv2_calc.graph.batch import atoms_to_batch
 from eqv2_calc.relax import adwt, distance_within_threshold, energy_mae, read_is2re, relax_batch
 from eqv2_calc.relax import cli as relax_cli
 from eqv2_calc.relax import write_is2re, write_is2rs
-from eqv2_calc.relax.testing import FaultyPotential, FreshCalculatorPotential, adsorbate_slab, slab_systems
+from eqv2_calc.potential import ASEPotential, Potential
+from eqv2_calc.relax.testing import FaultyPotential, adsorbate_slab, slab_systems
 
 DATA = Path(__file__).parent / "data"
 
@@ -166,7 +167,7 @@ def test_cli_interrupt_keeps_results_and_resumes(tmp_path, monkeypatch, capsys):
             if call == 25:
                 raise KeyboardInterrupt
             return False
-        return FaultyPotential(FreshCalculatorPotential(EMT), oom_when=stop)
+        return FaultyPotential(ASEPotential(factory=EMT), oom_when=stop)
 
     monkeypatch.setattr(relax_cli, "_make_potential", interrupting)
     assert main(args) == 130
@@ -239,10 +240,11 @@ def test_edge_budget_with_eqv2_potential():
     edges = [int(pot.count_edges(atoms_to_batch([s]))) for s in systems]
     sizes: list[int] = []
 
-    class Spy:
+    class Spy(Potential):
         device = pot.device
+        counts_edges = True
 
-        def __call__(self, batch):
+        def __call__(self, batch, keys=None):
             sizes.append(int(pot.count_edges(batch).sum()))
             return pot(batch)
 

@@ -10,7 +10,7 @@ from eqv2_calc.errors import InputError
 from eqv2_calc.relax.lbfgs import (
     HistoryBuffer,
     LBFGSParams,
-    concat_states,
+    LBFGSState,
     lbfgs_init,
     lbfgs_set_results,
     lbfgs_step,
@@ -89,7 +89,7 @@ def test_step_is_in_place_and_systems_are_independent():
     xa, xb = rng.normal(size=(3, 3)), rng.normal(size=(5, 3))
     ka, kb = torch.tensor([2.0, 9.0, 30.0]), torch.tensor([1.0, 1.0, 4.0, 40.0, 70.0])
     buf = HistoryBuffer(10, 8)
-    joint = concat_states([_state(xa, [3], history=buf), _state(xb, [5], history=buf)])
+    joint = LBFGSState.concat([_state(xa, [3], history=buf), _state(xb, [5], history=buf)])
     alone = _state(xb, [5], h=10)
     params = LBFGSParams(memory=10)
     for _ in range(8):
@@ -196,4 +196,4 @@ def test_params_and_shapes_are_validated():
     with pytest.raises(InputError, match="expected"):
         lbfgs_set_results(st, torch.zeros(2), torch.zeros(1, 3))
     with pytest.raises(InputError, match="different history buffers"):
-        concat_states([_state([[0.0, 0, 0]], [1]), _state([[0.0, 0, 0]], [1])])
+        LBFGSState.concat([_state([[0.0, 0, 0]], [1]), _state([[0.0, 0, 0]], [1])])

@@ -22,7 +22,9 @@ computed in float64. Edges are ordered by centre, then distance.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
+import numpy as np
 import torch
 from vesin_torch import NeighborList
 
@@ -46,6 +48,35 @@ class Graph:
     vec: torch.Tensor
     shifts: torch.Tensor
     num_edges: torch.Tensor
+
+    @classmethod
+    def concat(cls, graphs: Sequence["Graph"], num_atoms: Sequence[int]) -> "Graph":
+        """Graphs of consecutive batches (``num_atoms[k]`` atoms in part k) as one graph."""
+        offsets = np.cumsum([0] + [int(n) for n in num_atoms[:-1]])
+        return cls(
+            src=torch.cat([g.src + int(o) for g, o in zip(graphs, offsets)]),
+            dst=torch.cat([g.dst + int(o) for g, o in zip(graphs, offsets)]),
+            vec=torch.cat([g.vec for g in graphs]),
+            shifts=torch.cat([g.shifts for g in graphs]),
+            num_edges=torch.cat([g.num_edges for g in graphs]),
+        )
+
+    def select(self, systems: Sequence[int] | np.ndarray, natoms: torch.Tensor) -> "Graph":
+        """Edges of ``systems`` (in that order), re-indexed like ``AtomsBatch.select``;
+        ``natoms`` [S] are the atoms per system of the batch this graph belongs to."""
+        sys_np = np.asarray(systems, dtype=np.int64).reshape(-1)
+        nat = natoms.cpu().numpy()
+        ne = self.num_edges.cpu().numpy()
+        a_off, e_off = np.cumsum(nat) - nat, np.cumsum(ne) - ne
+        new_a_off = np.cumsum(nat[sys_np]) - nat[sys_np]
+        rows = np.concatenate([np.arange(e_off[s], e_off[s] + ne[s]) for s in sys_np]) if len(sys_np) else []
+        shift = np.repeat(new_a_off - a_off[sys_np], ne[sys_np])  # new index - old index, per edge
+        dev = self.src.device
+        rows_t = torch.as_tensor(np.asarray(rows, dtype=np.int64), device=dev)
+        shift_t = torch.as_tensor(shift, dtype=torch.long, device=dev)
+        return Graph(src=self.src[rows_t] + shift_t, dst=self.dst[rows_t] + shift_t, vec=self.vec[rows_t],
+                     shifts=self.shifts[rows_t],
+                     num_edges=self.num_edges[torch.as_tensor(sys_np, dtype=torch.long, device=dev)])
 
 
 def _lexsort(keys: list[torch.Tensor]) -> torch.Tensor:
@@ -121,15 +152,14 @@ def radius_graph(
     """
     if cutoff <= 0:
         raise InputError(f"cutoff must be positive, got {cutoff}")
-    offsets = torch.cumsum(batch.natoms, 0) - batch.natoms
+    bounds = batch.atom_bounds()
     parts = []
     for s in range(batch.num_systems):
-        a, n = int(offsets[s]), int(batch.natoms[s])
+        a, b = int(bounds[s]), int(bounds[s + 1])
         pbc = batch.pbc[s] if use_pbc else torch.zeros_like(batch.pbc[s])
         src, dst, vec, shift = system_graph(
-            batch.positions[a : a + n], batch.cell[s], pbc, cutoff, max_neighbors, strict
+            batch.positions[a:b], batch.cell[s], pbc, cutoff, max_neighbors, strict
         )
-        parts.append((src + a, dst + a, vec, shift))
-    src, dst, vec, shift = (torch.cat(t) for t in zip(*parts))
-    num_edges = torch.tensor([p[0].shape[0] for p in parts], dtype=torch.long, device=src.device)
-    return Graph(src=src, dst=dst, vec=vec, shifts=shift, num_edges=num_edges)
+        num_edges = torch.tensor([src.shape[0]], dtype=torch.long, device=src.device)
+        parts.append(Graph(src=src, dst=dst, vec=vec, shifts=shift, num_edges=num_edges))
+    return Graph.concat(parts, np.diff(bounds).tolist())

@@ -34,7 +34,7 @@ iteration         [S] int64       L-BFGS steps taken per system (ASE ``nsteps``)
 ================  ==============  ===============================================================
 
 The (s, y) history lives in a :class:`HistoryBuffer` addressed by atom rows, shared by all
-states derived from one another: :meth:`LBFGSState.select` and :func:`concat_states` copy
+states derived from one another: :meth:`LBFGSState.select` and :meth:`LBFGSState.concat` copy
 only the small per-atom and per-system fields, so systems can leave and join a batch without
 copying anybody's history (rows of finished systems are returned with
 :meth:`HistoryBuffer.release`).
@@ -51,9 +51,7 @@ handling and outputs)::
 
     state = lbfgs_init(pos, numbers, natoms, cell, pbc, free, history_size=100)
     for _ in range(steps + 1):
-        energy, forces = potential(AtomsBatch(numbers=state.numbers, positions=state.positions,
-                                              cell=state.cell, pbc=state.pbc,
-                                              system_idx=state.system_idx, natoms=state.natoms))
+        energy, forces = potential(state)   # the state is an AtomsBatch
         lbfgs_set_results(state, energy, forces)
         if bool((system_fmax(state) < fmax).all()):
             break
@@ -71,12 +69,13 @@ reproduces ASE exactly. While every ``y.s > 0`` (the usual case) all three give 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
 
 from eqv2_calc.errors import InputError
+from eqv2_calc.graph.batch import AtomsBatch
 
 CurvatureGuard = Literal["skip", "reset", "none"]
 CURVATURE_GUARDS: tuple[str, ...] = ("skip", "reset", "none")
@@ -168,27 +167,20 @@ class HistoryBuffer:
         self._in_use[np.asarray(rows, dtype=np.int64)] = False
 
 
-PER_ATOM_FIELDS: tuple[str, ...] = ("positions", "forces", "free", "numbers", "r0", "f0", "rows")
-"""Fields whose first dimension is N."""
-PER_SYSTEM_FIELDS: tuple[str, ...] = (
-    "energy", "natoms", "cell", "pbc", "rho", "head", "count", "iteration",
-)
-"""Fields whose first dimension is S."""
-
-
 @dataclass(kw_only=True)
-class LBFGSState:
-    """Packed L-BFGS state of several systems (see the module docstring for the shape table)."""
+class LBFGSState(AtomsBatch):
+    """Packed L-BFGS state of several systems: an :class:`~eqv2_calc.graph.AtomsBatch`
+    (``numbers``, ``positions``, ``cell``, ``pbc``, ``system_idx``, ``natoms``) extended with
+    the optimizer fields of the module docstring's table. It is passed to the potential as it
+    is; :meth:`select` and :meth:`concat` copy the small per-atom and per-system fields and
+    share the :class:`HistoryBuffer`."""
 
-    positions: torch.Tensor
+    PER_ATOM_FIELDS = AtomsBatch.PER_ATOM_FIELDS + ("forces", "free", "r0", "f0", "rows")
+    PER_SYSTEM_FIELDS = AtomsBatch.PER_SYSTEM_FIELDS + ("energy", "rho", "head", "count", "iteration")
+
     forces: torch.Tensor
     energy: torch.Tensor
     free: torch.Tensor
-    numbers: torch.Tensor
-    system_idx: torch.Tensor
-    natoms: torch.Tensor
-    cell: torch.Tensor
-    pbc: torch.Tensor
     r0: torch.Tensor
     f0: torch.Tensor
     rows: torch.Tensor
@@ -201,62 +193,25 @@ class LBFGSState:
     """Host-side upper bound of ``count`` (bounds the two-loop without a device sync)."""
 
     @property
-    def num_systems(self) -> int:
-        return int(self.natoms.shape[0])
-
-    @property
-    def num_atoms(self) -> int:
-        return int(self.positions.shape[0])
-
-    @property
     def history_size(self) -> int:
         return self.history.history_size
-
-    @property
-    def device(self) -> torch.device:
-        return self.positions.device
 
     def constrained_forces(self) -> torch.Tensor:
         """Forces with fixed components set to exactly 0, [N, 3] eV/Å."""
         return torch.where(self.free, self.forces, torch.zeros_like(self.forces))
 
-    def select(self, systems: torch.Tensor | Sequence[int]) -> "LBFGSState":
-        """Return a new state holding only ``systems`` (indices into 0..S-1, in that order).
+    def _shared(self) -> dict[str, Any]:
+        return {"history": self.history, "max_count": self.max_count}
 
-        Copies the per-atom and per-system fields; the history buffer is shared, not copied.
-        """
-        sys_np = np.asarray(torch.as_tensor(systems).cpu(), dtype=np.int64).reshape(-1)
-        natoms = self.natoms.cpu().numpy()
-        offsets = np.cumsum(natoms) - natoms
-        nat = natoms[sys_np]
-        # atom rows of the selected systems, in the order given (host index arithmetic)
-        rows = np.concatenate([np.arange(o, o + n) for o, n in zip(offsets[sys_np], nat)]) \
-            if len(sys_np) else np.zeros(0, dtype=np.int64)
-        rows_t = torch.as_tensor(rows, dtype=torch.long, device=self.device)
-        sys_t = torch.as_tensor(sys_np, dtype=torch.long, device=self.device)
-        out = {f: getattr(self, f)[rows_t] for f in PER_ATOM_FIELDS}
-        out.update({f: getattr(self, f)[sys_t] for f in PER_SYSTEM_FIELDS})
-        new_sys = torch.as_tensor(np.repeat(np.arange(len(sys_np)), nat), dtype=torch.long, device=self.device)
-        return LBFGSState(system_idx=new_sys, history=self.history, max_count=self.max_count, **out)
-
-
-def concat_states(states: Sequence[LBFGSState]) -> LBFGSState:
-    """Concatenate states sharing one :class:`HistoryBuffer`; systems keep their order."""
-    states = [s for s in states if s.num_systems > 0]
-    if not states:
-        raise InputError("concat_states needs at least one non-empty state")
-    if len(states) == 1:
-        return states[0]
-    if any(s.history is not states[0].history for s in states):
-        raise InputError(
-            "cannot concatenate states with different history buffers: create them with "
-            "lbfgs_init(..., history=<the same HistoryBuffer>)"
-        )
-    out = {f: torch.cat([getattr(s, f) for s in states]) for f in PER_ATOM_FIELDS + PER_SYSTEM_FIELDS}
-    offsets = torch.cumsum(torch.tensor([0] + [s.num_systems for s in states[:-1]]), 0)
-    system_idx = torch.cat([s.system_idx + int(o) for s, o in zip(states, offsets)])
-    return LBFGSState(system_idx=system_idx, history=states[0].history,
-                      max_count=max(s.max_count for s in states), **out)
+    @classmethod
+    def _merge_shared(cls, parts: Sequence[AtomsBatch]) -> dict[str, Any]:
+        states = [p for p in parts if isinstance(p, LBFGSState)]
+        if len(states) != len(parts) or any(s.history is not states[0].history for s in states):
+            raise InputError(
+                "cannot concatenate states with different history buffers: create them with "
+                "lbfgs_init(..., history=<the same HistoryBuffer>)"
+            )
+        return {"history": states[0].history, "max_count": max(s.max_count for s in states)}
 
 
 def lbfgs_init(
@@ -288,7 +243,7 @@ def lbfgs_init(
         Number of history slots H (normally ``min(memory, steps)``, at least 1); used to
         create a new :class:`HistoryBuffer` when ``history`` is not given.
     history:
-        An existing buffer to take rows from (needed to :func:`concat_states` later).
+        An existing buffer to take rows from (needed to :meth:`LBFGSState.concat` later).
 
     ``forces`` and ``energy`` are zero-filled placeholders; evaluate the potential and call
     :func:`lbfgs_set_results` before the first :func:`lbfgs_step`.

@@ -36,23 +36,16 @@ import numpy as np
 import torch
 from ase import Atoms
 
-from eqv2_calc.errors import InputError
+from eqv2_calc.batching import DEFAULT_MAX_ATOMS, Budget, is_out_of_memory
+from eqv2_calc.errors import InputError, UnsupportedElementError
 from eqv2_calc.graph.batch import AtomsBatch, atoms_to_batch, check_atoms
-from eqv2_calc.relax.batching import (
-    DEFAULT_MAX_ATOMS,
-    ASECalculatorPotential,
-    Budget,
-    edge_counter,
-    is_out_of_memory,
-    resolve_potential,
-)
+from eqv2_calc.potential import resolve_potential
 from eqv2_calc.relax.constraints import free_mask
 from eqv2_calc.relax.io import make_frame, write_trajectory
 from eqv2_calc.relax.lbfgs import (
     HistoryBuffer,
     LBFGSParams,
     LBFGSState,
-    concat_states,
     lbfgs_init,
     lbfgs_set_results,
     lbfgs_step,
@@ -72,6 +65,7 @@ REASON_NON_FINITE = "non_finite"
 REASON_EXPLODED = "force_explosion"
 REASON_OOM = "out_of_memory"
 REASON_INVALID = "invalid_geometry"
+REASON_UNSUPPORTED_ELEMENT = "unsupported_element"
 
 
 @dataclass
@@ -99,11 +93,13 @@ class RelaxResult:
         ``fmax < fmax_threshold`` at the final positions.
     failed:
         The relaxation was stopped because of non-finite or exploding forces, a geometry
-        the potential rejects (atoms closer than it allows) or an out-of-memory error that
-        persisted with the structure alone in the batch.
+        the potential rejects (atoms closer than it allows), an element the potential
+        has no parameters for, or an out-of-memory error that persisted with the
+        structure alone in the batch.
     reason:
         ``"converged"``, ``"max_steps"``, ``"non_finite"``, ``"force_explosion"``,
-        ``"invalid_geometry: <the potential's message>"`` or ``"out_of_memory"``.
+        ``"invalid_geometry: <the potential's message>"``,
+        ``"unsupported_element: <the potential's message>"`` or ``"out_of_memory"``.
     initial_energy:
         Energy at the input positions, eV.
     trajectory:
@@ -187,7 +183,8 @@ class BatchRelaxer:
     ----------
     potential:
         A :class:`~eqv2_calc.potential.Potential`, an ASE calculator, or an object with a
-        ``potential`` attribute (e.g. ``EquiformerV2Calculator``).
+        ``potential`` attribute (e.g. ``EquiformerV2Calculator``); see
+        :func:`~eqv2_calc.potential.resolve_potential`.
     fmax:
         Convergence threshold on the largest free-atom force norm, eV/Å (strict ``<``).
     steps:
@@ -195,8 +192,8 @@ class BatchRelaxer:
     params:
         L-BFGS hyper-parameters (:class:`LBFGSParams`).
     max_atoms, max_edges:
-        Capacity of one potential call (atoms; edges if the potential has
-        ``count_edges``). ``max_atoms=None`` uses :data:`DEFAULT_MAX_ATOMS`. A structure
+        Capacity of one potential call (atoms; edges if the potential ``counts_edges``).
+        ``max_atoms=None`` uses :data:`~eqv2_calc.batching.DEFAULT_MAX_ATOMS`. A structure
         larger than the budget runs alone.
     fix_tag0:
         Also fix atoms with tag 0 (OC20 subsurface atoms).
@@ -241,7 +238,7 @@ class BatchRelaxer:
         if not max_force > 0:
             raise InputError(f"max_force={max_force!r} eV/Å must be > 0")
         self.potential = resolve_potential(potential)
-        self.device = torch.device(getattr(self.potential, "device", "cpu"))
+        self.device = torch.device(self.potential.device)
         self.fmax = float(fmax)
         self.steps = steps
         self.params = params or LBFGSParams()
@@ -254,11 +251,11 @@ class BatchRelaxer:
         self.progress = progress
         self.on_result = on_result
         # edges are counted only when an edge budget is set (it costs a neighbour list each)
-        self._edges_of = edge_counter(self.potential, self.device) if max_edges is not None else None
-        if max_edges is not None and self._edges_of is None:
+        self._count_edges = max_edges is not None
+        if self._count_edges and not self.potential.counts_edges:
             raise InputError(
-                f"max_edges={max_edges} needs a potential that can count edges (count_edges, e.g. "
-                f"EquiformerV2); {type(self.potential).__name__} has none: use max_atoms"
+                f"max_edges={max_edges} needs a potential that can count edges (e.g. EquiformerV2); "
+                f"{type(self.potential).__name__} cannot: use max_atoms"
             )
         self.stats = RelaxStats()
 
@@ -312,7 +309,6 @@ class BatchRelaxer:
             order = sorted(order, key=lambda i: -len(self._atoms[i]))
         self._queue: deque[_Track] = deque(_Track(index=i, natoms=len(self._atoms[i])) for i in order)
         self._active: list[_Track] = []
-        self._attached: set[int] = set()
         self._state: LBFGSState | None = None
         self._results: list[RelaxResult | None] = [None] * len(self._atoms)
         self._invalid: dict[int, str] = {}
@@ -341,8 +337,9 @@ class BatchRelaxer:
         return results  # type: ignore[return-value]
 
     def _edges(self, track: _Track) -> int:
-        if self._edges_of is not None and track.edges == 0 and track.suspended is None:
-            track.edges = self._edges_of(self._atoms[track.index])
+        if self._count_edges and track.edges == 0 and track.suspended is None:
+            batch = atoms_to_batch([self._atoms[track.index]], self.device)
+            track.edges = int(self.potential.count_edges(batch).sum())
         return track.edges
 
     def _refill(self) -> None:
@@ -374,31 +371,25 @@ class BatchRelaxer:
                     j += 1
                 parts.append(self._fresh_state(new[i:j]))
                 i = j
-        self._state = concat_states(parts)
+        self._state = LBFGSState.concat(parts)
         self._active.extend(new)
-        if isinstance(self.potential, ASECalculatorPotential):
-            for t in new:
-                if t.index not in self._attached:
-                    self.potential.attach(t.index, self._atoms[t.index])
-                    self._attached.add(t.index)
+        for t in new:
+            if t.nsteps == 0:  # joins for the first time (not back from an out-of-memory eviction)
+                self.potential.attach(t.index, self._atoms[t.index])
 
     def _evaluate(self) -> bool:
         state = self._state
         assert state is not None
-        batch = AtomsBatch(
-            numbers=state.numbers, positions=state.positions, cell=state.cell, pbc=state.pbc,
-            system_idx=state.system_idx, natoms=state.natoms,
-        )
+        batch = state.as_atoms_batch()
+        keys = [t.index for t in self._active]
         n_sys, n_atoms = state.num_systems, state.num_atoms
         try:
-            if isinstance(self.potential, ASECalculatorPotential):
-                energy, forces = self.potential.evaluate(batch, [t.index for t in self._active])
-            else:
-                energy, forces = self.potential(batch)
+            energy, forces = self.potential(batch, keys)
         except InputError:
-            # a structure the potential rejects (e.g. atoms collapsed to < 0.1 Å): find it by
-            # evaluating one system at a time, so that only it fails
-            energy, forces = self._evaluate_one_by_one(batch)
+            # a structure the potential rejects (e.g. atoms collapsed to < 0.1 Å, an element
+            # it has no parameters for): find it by evaluating one system at a time, so that
+            # only it fails
+            energy, forces = self._evaluate_one_by_one(batch, keys)
         except Exception as exc:  # noqa: BLE001 - only OOM is handled, the rest re-raised
             if not is_out_of_memory(exc):
                 raise
@@ -413,27 +404,20 @@ class BatchRelaxer:
         self.stats.atoms_evaluated += n_atoms
         return True
 
-    def _evaluate_one_by_one(self, batch: AtomsBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _evaluate_one_by_one(self, batch: AtomsBatch, keys: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Evaluate each system alone; those the potential rejects get NaN results and an
-        entry in ``self._invalid`` (their error message)."""
+        entry in ``self._invalid`` (the failure reason with the potential's message)."""
         energies, forces = [], []
-        start = 0
-        for j, track in enumerate(self._active):
-            n = int(batch.natoms[j])
-            sub = AtomsBatch(
-                numbers=batch.numbers[start : start + n], positions=batch.positions[start : start + n],
-                cell=batch.cell[j : j + 1], pbc=batch.pbc[j : j + 1],
-                system_idx=torch.zeros(n, dtype=torch.long, device=batch.device), natoms=batch.natoms[j : j + 1],
-            )
+        for key, sub in zip(keys, batch.split()):
             try:
-                e, f = self.potential(sub)
+                e, f = self.potential(sub, [key])
             except InputError as exc:
-                self._invalid[track.index] = str(exc)
+                kind = REASON_UNSUPPORTED_ELEMENT if isinstance(exc, UnsupportedElementError) else REASON_INVALID
+                self._invalid[key] = f"{kind}: {exc}"
                 e = torch.full((1,), math.nan, dtype=torch.float64, device=batch.device)
-                f = torch.full((n, 3), math.nan, dtype=torch.float64, device=batch.device)
+                f = torch.full((sub.num_atoms, 3), math.nan, dtype=torch.float64, device=batch.device)
             energies.append(torch.as_tensor(e, dtype=torch.float64))
             forces.append(torch.as_tensor(f, dtype=torch.float64))
-            start += n
         return torch.cat(energies), torch.cat(forces)
 
     def _handle_oom(self) -> None:
@@ -521,7 +505,7 @@ class BatchRelaxer:
             if j in done_set:
                 self._history.release(rows[a:b])
                 if t.index in self._invalid:
-                    reason, failed = f"{REASON_INVALID}: {self._invalid[t.index]}", True
+                    reason, failed = self._invalid[t.index], True
                 elif non_finite_h[j]:
                     reason, failed = REASON_NON_FINITE, True
                 elif exploded_h[j]:
@@ -549,9 +533,7 @@ class BatchRelaxer:
             initial_energy=track.initial_energy, trajectory=track.frames,
         )
         self._results[track.index] = result
-        if isinstance(self.potential, ASECalculatorPotential):
-            self.potential.release(track.index)
-            self._attached.discard(track.index)
+        self.potential.release(track.index)
         self.stats.converged += int(converged)
         self.stats.failed += int(failed)
         if self.trajectory_dir is not None:
@@ -605,7 +587,7 @@ def relax_batch(
         Identifiers used for trajectory file names (default: zero-padded input indices).
     max_atoms, max_edges:
         Capacity of one potential call (default 4096 atoms; edges only if the potential
-        has ``count_edges``). Finished structures leave at once and queued ones take their
+        ``counts_edges``). Finished structures leave at once and queued ones take their
         place.
     fix_tag0:
         Also fix atoms with tag 0 (OC20 convention).

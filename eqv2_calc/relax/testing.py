@@ -1,10 +1,13 @@
 """Test and benchmark helpers for the relaxer: small slab+adsorbate systems for EMT and a
-potential wrapper that injects faults (NaN forces, out-of-memory errors)."""
+potential wrapper that injects faults (NaN forces, out-of-memory errors).
+
+A bitwise-reproducible EMT potential (a new calculator for every evaluation) is
+``ASEPotential(factory=EMT)``."""
 
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Sequence
+from typing import Callable, Hashable, Sequence
 
 import numpy as np
 import torch
@@ -77,30 +80,7 @@ def slab_systems(
     return out
 
 
-class FreshCalculatorPotential:
-    """A :class:`~eqv2_calc.potential.Potential` that evaluates every structure with a *new*
-    ASE calculator from ``factory`` (e.g. ``EMT``). Slow, but its results depend only on the
-    structure, never on what was evaluated before (bitwise reproducible)."""
-
-    def __init__(self, factory: Callable[[], object]) -> None:
-        self.factory = factory
-        self.device = torch.device("cpu")
-
-    def __call__(self, batch: AtomsBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        from eqv2_calc.potential import batch_to_atoms
-
-        energies, forces = [], []
-        for atoms in batch_to_atoms(batch):
-            atoms.calc = self.factory()
-            energies.append(atoms.get_potential_energy())
-            forces.append(atoms.get_forces(apply_constraint=False))
-        return (
-            torch.tensor(energies, dtype=torch.float64, device=batch.device),
-            torch.as_tensor(np.concatenate(forces), dtype=torch.float64, device=batch.device),
-        )
-
-
-class FaultyPotential:
+class FaultyPotential(Potential):
     """Wrap a :class:`~eqv2_calc.potential.Potential` and inject faults for tests.
 
     Parameters
@@ -124,17 +104,29 @@ class FaultyPotential:
     ) -> None:
         self.base = base
         self.device = base.device
+        self.counts_edges = base.counts_edges
         self.nan_when = nan_when
         self.oom_when = oom_when
         self.calls = 0
         self.batch_sizes: list[int] = []
 
-    def __call__(self, batch: AtomsBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def count_edges(self, batch: AtomsBatch) -> torch.Tensor:
+        return self.base.count_edges(batch)
+
+    def attach(self, key: Hashable, atoms: Atoms) -> None:
+        self.base.attach(key, atoms)
+
+    def release(self, key: Hashable) -> None:
+        self.base.release(key)
+
+    def __call__(
+        self, batch: AtomsBatch, keys: Sequence[Hashable] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         self.calls += 1
         if self.oom_when is not None and self.oom_when(batch, self.calls):
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by test)")
         self.batch_sizes.append(int(batch.positions.shape[0]))
-        energy, forces = self.base(batch)
+        energy, forces = self.base(batch, keys)
         if self.nan_when is not None:
             bad = self.nan_when(batch, self.calls).to(energy.device)
             energy = torch.where(bad, torch.full_like(energy, float("nan")), energy)
