@@ -27,16 +27,10 @@ DEFAULT_MAX_EDGES = 100_000
 
 
 def default_checkpoint() -> str:
-    """The model shipped in ``checkpoints/`` (see checkpoints/README.md)."""
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for name in ("eqv2-emt-small.pt",):
-        path = os.path.join(here, "checkpoints", name)
-        if os.path.isfile(path):
-            return path
-    raise CheckpointError(
-        "no checkpoint given and no shipped model found in checkpoints/; pass "
-        "checkpoint_path=... or model_name=... (e.g. 'EquiformerV2-31M-S2EF-OC20-All+MD')"
-    )
+    """The model shipped with the package (see :func:`eqv2_calc.checkpoint.registry.shipped_checkpoint`)."""
+    from eqv2_calc.checkpoint.registry import shipped_checkpoint
+
+    return str(shipped_checkpoint())
 
 
 class EquiformerV2Calculator(Calculator):
@@ -49,6 +43,9 @@ class EquiformerV2Calculator(Calculator):
     device: "auto" (CUDA if available), "cpu", "cuda", "cuda:1", ...
     dtype: "float32" (like fairchem) or "float64".
     use_ema: use the checkpoint's EMA weights instead of ``state_dict``.
+    trust_checkpoint: also load a file whose pickle holds objects beyond the safe allow-list
+        (full unpickling can run code from the file; only for files you trust). Without it
+        such a file raises :class:`~eqv2_calc.errors.CheckpointError`.
     tune_allocator: call :func:`eqv2_calc.runtime.tune_allocator` (keep freed memory in the
         process heap; 10–20 % faster calls on CPU, process-wide). Pass False to opt out.
 
@@ -67,6 +64,7 @@ class EquiformerV2Calculator(Calculator):
         use_ema: bool = False,
         potential: EquiformerV2Potential | None = None,
         tune_allocator: bool = True,
+        trust_checkpoint: bool = False,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
@@ -78,7 +76,8 @@ class EquiformerV2Calculator(Calculator):
             if checkpoint_path is not None and model_name is not None:
                 raise CheckpointError("give either checkpoint_path or model_name, not both")
             source = checkpoint_path if checkpoint_path is not None else model_name
-            potential = load_potential(source or default_checkpoint(), device=device, dtype=dtype, use_ema=use_ema)
+            potential = load_potential(source or default_checkpoint(), device=device, dtype=dtype, use_ema=use_ema,
+                                       trust_checkpoint=trust_checkpoint)
         self.potential = potential
 
     @property

@@ -1,11 +1,14 @@
-"""Official EquiformerV2 checkpoints by name, with download into a cache directory.
+"""Checkpoint files by name: the model shipped with the package, and the official EquiformerV2
+checkpoints with download into a cache directory.
 
 The cache directory is ``$EQV2_CACHE`` if set, else ``~/.cache/eqv2-calc``. A file already
-in the cache (or placed there by hand on an offline machine) is used as is.
+in the cache (or placed there by hand on an offline machine) is used as is, after checking its
+sha256 when :data:`OFFICIAL_SHA256` knows it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -13,6 +16,12 @@ import urllib.request
 from pathlib import Path
 
 from eqv2_calc.errors import CheckpointError
+
+SHIPPED_PACKAGE = "eqv2_calc.shipped"
+"""The package holding the shipped model: the repository's ``checkpoints/`` folder, installed as
+``eqv2_calc/shipped/`` (``[tool.setuptools.package-dir]`` in pyproject.toml)."""
+SHIPPED_MODEL = "eqv2-emt-small.pt"
+"""File name of the shipped model (model card: ``checkpoints/README.md``, installed next to it)."""
 
 _OC20 = "https://dl.fbaipublicfiles.com/opencatalystproject/models"
 OFFICIAL_CHECKPOINTS: dict[str, str] = {
@@ -25,18 +34,91 @@ OFFICIAL_CHECKPOINTS: dict[str, str] = {
 }
 """Registry name (as in fairchem 1.x ``pretrained_models.json``) → download URL."""
 
+OFFICIAL_SHA256: dict[str, str] = {}
+"""Registry name → sha256 (hex) of the file, for the names whose hash is known.
+
+A downloaded or cached file whose sha256 differs is refused (:class:`CheckpointError`). fairchem
+publishes no hashes for these files and they could not be downloaded where this package was
+written, so none is filled in yet: add ``name: "<64 hex digits>"`` once a file has been checked.
+Names without an entry are used unverified (their sha256 is still recorded in ``CheckpointMeta``).
+"""
+
 
 def cache_dir() -> Path:
     """Where downloaded checkpoints are kept."""
     return Path(os.environ.get("EQV2_CACHE", Path.home() / ".cache" / "eqv2-calc"))
 
 
-def _download(url: str, dest: Path, timeout: float = 60.0) -> None:
+def shipped_checkpoint() -> Path:
+    """The model shipped with the package (``eqv2-emt-small.pt``, see its model card README.md).
+
+    Found with :mod:`importlib.resources` in the installed package (wheel, ``pip install .`` or
+    an editable install, which maps the package to the repository's ``checkpoints/``). Raises
+    :class:`CheckpointError` if this installation does not contain it.
+    """
+    from importlib.resources import files
+
+    try:
+        res = files(SHIPPED_PACKAGE) / SHIPPED_MODEL
+        found = res.is_file()
+    except (ModuleNotFoundError, TypeError):  # package not installed / not on a file system
+        found = False
+    if not found:
+        raise CheckpointError(
+            f"the shipped model {SHIPPED_MODEL} is not part of this installation of eqv2-calc "
+            f"(looked for it as package data of {SHIPPED_PACKAGE}). Reinstall the package "
+            "(`pip install eqv2-calc-*.whl`, `pip install .`, or `pip install -e .` in a checkout), "
+            "or pass checkpoint_path=... or model_name=... (e.g. 'EquiformerV2-31M-S2EF-OC20-All+MD')"
+        )
+    try:
+        return Path(os.fspath(res))
+    except TypeError:  # e.g. a zipped installation
+        raise CheckpointError(
+            f"the shipped model is installed inside an archive ({res}); torch needs a file: "
+            "install eqv2-calc unzipped (pip does)"
+        ) from None
+
+
+_HASH_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 (hex) of a file; remembered per (path, size, mtime) so a file is hashed once."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = (str(p), st.st_size, st.st_mtime_ns)
+    if key not in _HASH_CACHE:
+        h = hashlib.sha256()
+        with open(p, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        _HASH_CACHE[key] = h.hexdigest()
+    return _HASH_CACHE[key]
+
+
+def _verify(name: str, path: Path, what: str) -> None:
+    """Raise CheckpointError if ``path`` does not have the registry's sha256 for ``name``."""
+    expected = OFFICIAL_SHA256.get(name)
+    if not expected:
+        return
+    actual = file_sha256(path)
+    if actual != expected.lower():
+        raise CheckpointError(
+            f"{what} for {name} at {path} has sha256 {actual}, but the registry expects {expected}: "
+            "the file is corrupt, incomplete or has been tampered with. Delete it to download it again "
+            f"from {OFFICIAL_CHECKPOINTS[name]}, or get a good copy."
+        )
+
+
+def _download(url: str, dest: Path, timeout: float = 60.0, name: str | None = None) -> None:
+    """Download ``url`` to ``dest`` via a temporary file; with ``name``, check its sha256 first."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".part")
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
             shutil.copyfileobj(resp, out)
+        if name is not None:
+            _verify(name, Path(tmp), f"the file downloaded from {url} (not kept)")
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -44,7 +126,11 @@ def _download(url: str, dest: Path, timeout: float = 60.0) -> None:
 
 
 def resolve_checkpoint(path_or_name: str | os.PathLike) -> Path:
-    """A local checkpoint path for a file path or an official registry name (downloading if needed)."""
+    """A local checkpoint path for a file path or an official registry name (downloading if needed).
+
+    For a registry name with a known sha256 (:data:`OFFICIAL_SHA256`) the cached or downloaded
+    file is verified; a mismatch raises :class:`CheckpointError`.
+    """
     path = Path(path_or_name).expanduser()
     if path.is_file():
         return path
@@ -57,9 +143,12 @@ def resolve_checkpoint(path_or_name: str | os.PathLike) -> Path:
     url = OFFICIAL_CHECKPOINTS[name]
     dest = cache_dir() / os.path.basename(url)
     if dest.is_file():
+        _verify(name, dest, "the cached file")
         return dest
     try:
-        _download(url, dest)
+        _download(url, dest, name=name)
+    except CheckpointError:
+        raise
     except Exception as exc:  # no network, HTTP error, disk full ...
         raise CheckpointError(
             f"could not download {name} from {url} ({type(exc).__name__}: {exc}). "
