@@ -16,6 +16,11 @@ DEFAULT_MAX_ATOMS = 4096
 optimizer memory (the L-BFGS history costs about 4.8 kB per atom with ``memory=100``) and,
 for GPU models, the activation memory; an out-of-memory error shrinks it at run time."""
 
+DEFAULT_MAX_EDGES = 100_000
+"""Default edge budget of ``predict_batch``, which builds every graph anyway. The relaxer
+applies an edge budget only when asked (``max_edges=...``): counting edges costs it one
+neighbour list per structure."""
+
 
 def is_out_of_memory(exc: BaseException) -> bool:
     """True for ``torch.OutOfMemoryError`` (incl. the CUDA one), ``MemoryError`` and a
