@@ -12,18 +12,15 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 
+from eqv2_calc.batching import DEFAULT_MAX_ATOMS, DEFAULT_MAX_EDGES, Budget, is_out_of_memory
 from eqv2_calc.errors import CheckpointError, InputError
-from eqv2_calc.graph.batch import AtomsBatch, atoms_to_batch
+from eqv2_calc.graph.batch import AtomsBatch, atoms_to_batch, check_atoms
 from eqv2_calc.graph.neighbors import Graph
 from eqv2_calc.potential import EquiformerV2Potential, load_potential
-
-DEFAULT_MAX_ATOMS = 2000
-DEFAULT_MAX_EDGES = 100_000
 
 
 def default_checkpoint() -> str:
@@ -100,76 +97,81 @@ class EquiformerV2Calculator(Calculator):
     def predict_batch(
         self,
         atoms_list: Sequence[Atoms],
-        max_atoms: int = DEFAULT_MAX_ATOMS,
-        max_edges: int = DEFAULT_MAX_EDGES,
+        max_atoms: int | None = DEFAULT_MAX_ATOMS,
+        max_edges: int | None = DEFAULT_MAX_EDGES,
         progress: bool = False,
     ) -> list[dict[str, Any]]:
         """Energies and forces of many structures, evaluated in packed batches.
 
         Structures are grouped in input order so that each model call holds at most
-        ``max_atoms`` atoms and ``max_edges`` edges (a single larger structure runs alone).
+        ``max_atoms`` atoms and ``max_edges`` edges (defaults 4096 and 100 000; None =
+        unlimited; a single larger structure runs alone).
         Returns one dict per structure: ``energy`` (float, eV), ``forces`` ((n, 3) array, eV/Å).
         """
         return predict_batch(self.potential, atoms_list, max_atoms, max_edges, progress)
 
 
-def _chunks(natoms: np.ndarray, nedges: np.ndarray, max_atoms: int, max_edges: int) -> list[tuple[int, int]]:
-    """Consecutive [start, stop) system ranges within the budgets."""
-    out, start, atoms, edges = [], 0, 0, 0
-    for s, (n, e) in enumerate(zip(natoms, nedges)):
-        if s > start and (atoms + n > max_atoms or edges + e > max_edges):
-            out.append((start, s))
-            start, atoms, edges = s, 0, 0
-        atoms, edges = atoms + n, edges + e
-    out.append((start, len(natoms)))
-    return out
-
-
-def _slice(batch: AtomsBatch, graph: Graph, start: int, stop: int) -> tuple[AtomsBatch, Graph]:
-    """Systems [start, stop) of a batch and of its graph, re-indexed from zero."""
-    atom_off = torch.cumsum(batch.natoms, 0) - batch.natoms
-    edge_off = torch.cumsum(graph.num_edges, 0) - graph.num_edges
-    a0 = int(atom_off[start])
-    a1 = int(atom_off[stop - 1] + batch.natoms[stop - 1])
-    e0 = int(edge_off[start])
-    e1 = int(edge_off[stop - 1] + graph.num_edges[stop - 1])
-    sub = AtomsBatch(
-        numbers=batch.numbers[a0:a1], positions=batch.positions[a0:a1], cell=batch.cell[start:stop],
-        pbc=batch.pbc[start:stop], system_idx=batch.system_idx[a0:a1] - start, natoms=batch.natoms[start:stop],
-    )
-    g = Graph(
-        src=graph.src[e0:e1] - a0, dst=graph.dst[e0:e1] - a0, vec=graph.vec[e0:e1],
-        shifts=graph.shifts[e0:e1], num_edges=graph.num_edges[start:stop],
-    )
-    return sub, g
-
-
 def predict_batch(
     potential: EquiformerV2Potential,
     atoms_list: Sequence[Atoms],
-    max_atoms: int = DEFAULT_MAX_ATOMS,
-    max_edges: int = DEFAULT_MAX_EDGES,
+    max_atoms: int | None = DEFAULT_MAX_ATOMS,
+    max_edges: int | None = DEFAULT_MAX_EDGES,
     progress: bool = False,
 ) -> list[dict[str, Any]]:
-    """See :meth:`EquiformerV2Calculator.predict_batch`."""
-    if max_atoms < 1 or max_edges < 1:
-        raise InputError(f"max_atoms and max_edges must be positive, got {max_atoms}, {max_edges}")
-    if len(atoms_list) == 0:
-        return []
+    """See :meth:`EquiformerV2Calculator.predict_batch`.
+
+    Graphs are built structure by structure and evaluated as soon as the next structure would
+    overflow the budget, so at most one budget's worth of graphs is alive at a time. An
+    out-of-memory error splits the chunk in halves (a single structure that does not fit
+    alone re-raises it).
+    """
+    budget = Budget(max_atoms, max_edges)
+    atoms_list = list(atoms_list)
+    for i, a in enumerate(atoms_list):  # all input errors before any work
+        if not isinstance(a, Atoms):
+            raise InputError(f"structure {i} is a {type(a).__name__}, expected ase.Atoms")
+        check_atoms(a, i)
     from tqdm.auto import tqdm
 
-    batch = atoms_to_batch(list(atoms_list), potential.device)
-    potential.check_numbers(batch.numbers)
-    graph = potential.graph(batch)
-    ranges = _chunks(batch.natoms.cpu().numpy(), graph.num_edges.cpu().numpy(), max_atoms, max_edges)
     results: list[dict[str, Any]] = []
+    pending: list[tuple[AtomsBatch, Graph]] = []
+    atoms = edges = 0
     with tqdm(total=len(atoms_list), disable=not progress, desc="eqv2 predict", unit="struct") as bar:
-        for start, stop in ranges:
-            sub, g = _slice(batch, graph, start, stop)
-            energy, forces = potential.evaluate(sub, g)
-            energy, forces = energy.cpu().numpy(), forces.cpu().numpy()
-            bounds = np.concatenate([[0], np.cumsum(sub.natoms.cpu().numpy())])
-            for k in range(stop - start):
-                results.append({"energy": float(energy[k]), "forces": forces[bounds[k] : bounds[k + 1]]})
-            bar.update(stop - start)
+        for i, a in enumerate(atoms_list):
+            batch = atoms_to_batch([a], potential.device)
+            try:
+                potential.check_numbers(batch.numbers)
+                graph = potential.graph(batch)
+            except InputError as exc:
+                raise type(exc)(f"structure {i}: {exc}") from exc
+            n, e = len(a), int(graph.num_edges[0])
+            if pending and not budget.fits(atoms + n, edges + e):
+                results += _evaluate_chunk(potential, pending)
+                bar.update(len(pending))
+                pending, atoms, edges = [], 0, 0
+            pending.append((batch, graph))
+            atoms, edges = atoms + n, edges + e
+        if pending:
+            results += _evaluate_chunk(potential, pending)
+            bar.update(len(pending))
     return results
+
+
+def _evaluate_chunk(
+    potential: EquiformerV2Potential, parts: list[tuple[AtomsBatch, Graph]]
+) -> list[dict[str, Any]]:
+    """Evaluate single-structure (batch, graph) pairs in one model call; halve on out-of-memory."""
+    batch = AtomsBatch.concat([b for b, _ in parts])
+    graph = Graph.concat([g for _, g in parts], [b.num_atoms for b, _ in parts])
+    try:
+        energy, forces = potential.evaluate(batch, graph)
+    except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled
+        if len(parts) == 1 or not is_out_of_memory(exc):
+            raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        half = len(parts) // 2
+        return _evaluate_chunk(potential, parts[:half]) + _evaluate_chunk(potential, parts[half:])
+    energy, forces = energy.cpu().numpy(), forces.cpu().numpy()
+    bounds = batch.atom_bounds()
+    return [{"energy": float(energy[k]), "forces": forces[bounds[k] : bounds[k + 1]]} for k in range(len(parts))]
