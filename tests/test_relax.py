@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -327,7 +329,7 @@ def test_rejected_structure_fails_alone_with_reason():
 
     from eqv2_calc import EquiformerV2Calculator
 
-    calc = EquiformerV2Calculator("tests/data/eqv2_tiny_l4m2.pt")
+    calc = EquiformerV2Calculator(Path(__file__).parent / "data" / "eqv2_tiny_l4m2.pt")
     good = slab_systems(2)
     bad = Atoms("CuCu", positions=[[0, 0, 0], [0.05, 0, 0]], cell=[8, 8, 8], pbc=True)
     results = relax_batch([good[0], bad, good[1]], calc, fmax=0.05, steps=3, progress=False)
@@ -338,3 +340,18 @@ def test_rejected_structure_fails_alone_with_reason():
         assert not results[i].failed
         assert results[i].energy == pytest.approx(alone.energy, abs=1e-5)
         np.testing.assert_allclose(results[i].atoms.positions, alone.atoms.positions, atol=1e-5)
+
+
+def test_unsupported_element_is_reported_as_such():
+    """An element outside the model's embedding fails that structure with reason
+    unsupported_element (not invalid_geometry); the others relax."""
+    from eqv2_calc import EquiformerV2Calculator
+
+    calc = EquiformerV2Calculator(Path(__file__).parent / "data" / "eqv2_tiny_l4m2.pt")
+    good = slab_systems(1)[0]
+    bad = good.copy()
+    bad.numbers[-1] = 92  # U: the tiny model has max_num_elements=90
+    results = relax_batch([good, bad], calc, fmax=0.05, steps=2, progress=False)
+    assert not results[0].failed
+    assert results[1].failed
+    assert results[1].reason.startswith("unsupported_element: ") and "92" in results[1].reason
