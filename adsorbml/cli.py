@@ -81,11 +81,22 @@ def _print_summary(s, table: str | None) -> None:
         print("\n" + table)
 
 
+def _trusted_ml_calculator(args: argparse.Namespace, spec: str):
+    """With --trust-checkpoint, the ML calculator built with trust_checkpoint=True (else None:
+    run_workflow builds it from the config)."""
+    if not args.trust_checkpoint:
+        return None
+    from adsorbml.workflow import make_ml_calculator
+
+    return make_ml_calculator(spec, trust_checkpoint=True)
+
+
 def _run(args: argparse.Namespace) -> int:
     from adsorbml.workflow import run_workflow
 
     cfg = _run_config(args)
-    s = run_workflow(cfg, args.out, plots=not args.no_plots, progress=not args.quiet)
+    s = run_workflow(cfg, args.out, ml_calculator=_trusted_ml_calculator(args, cfg.ml_calculator),
+                     plots=not args.no_plots, progress=not args.quiet)
     _print_summary(s, s.table)
     return 0
 
@@ -103,17 +114,24 @@ DEMO_ADSORBATES = ("*CO", "*O", "*OH")
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from adsorbml.workflow import RunConfig, SlabSpec, run_workflow, shipped_model_available
+    from adsorbml.errors import InputError
+    from adsorbml.workflow import RunConfig, SlabSpec, run_workflow
+    from eqv2_calc.checkpoint import registry
+    from eqv2_calc.errors import CheckpointError
 
     if args.ml_calculator:
         ml = args.ml_calculator
-    elif shipped_model_available():
+    else:  # the shipped model, or a clear error: never a silent stand-in
+        try:
+            shipped = registry.shipped_checkpoint()
+        except CheckpointError as e:
+            raise InputError(
+                f"the demo runs the shipped EquiformerV2 model, which is missing: {e}\n"
+                "  (--ml-calculator emt runs the demo with EMT standing in for the ML model: a plumbing "
+                "check only, ML and 'DFT' then agree by construction)"
+            ) from None
         ml = "shipped"
-        print("ML model: the shipped EquiformerV2 checkpoint (checkpoints/eqv2-emt-small.pt)")
-    else:
-        ml = "emt"
-        print("NOTE: the shipped model checkpoints/eqv2-emt-small.pt is not there yet; the demo uses EMT "
-              "as the 'ML' model,\n      so ML and 'DFT' agree by construction (a plumbing demo, not a model test).")
+        print(f"ML model: the shipped EquiformerV2 checkpoint ({shipped})")
     label = {"shipped": "eqv2-emt-small"}.get(ml, Path(ml).stem.replace(":", "_"))
     base = Path(args.out or "adsorbml-demo")
     out = base / label if (args.out is None or args.per_model) else base
@@ -122,13 +140,18 @@ def _demo(args: argparse.Namespace) -> int:
         num_random=args.placements, heuristic=True, seed=0, k=args.k, ml_calculator=ml, dft_calculator="emt",
         ground_truth=True,
     )
+    ml_calc = _trusted_ml_calculator(args, ml)
     print(f"systems: {', '.join(DEMO_ADSORBATES)} on {', '.join(DEMO_SURFACES)} (pymatgen slabs, OC20 settings); "
           f"'DFT' = EMT single points, ground truth = EMT relaxations of every placement\noutput: {out}")
-    s = run_workflow(cfg, out, progress=not args.quiet)
+    s = run_workflow(cfg, out, ml_calculator=ml_calc, progress=not args.quiet)
     _print_summary(s, s.table)
     print(f"\nscore it again with: adsorbml metrics --targets {out}/targets.json --results {out}/results.json "
           f"--compute {out}/compute.json")
     return 0
+
+
+_TRUST_HELP = ("load an --ml-calculator checkpoint even if its pickle holds objects beyond tensors, containers, "
+               "numbers and strings (full unpickling can run code from the file: only for files you trust)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--k", type=int, help="DFT single points on the top k (default 5)")
     r.add_argument("--ml-calculator", help="shipped (default) | emt | checkpoint path | model name | module:Class")
     r.add_argument("--dft-calculator", help="emt (default) | none | module:Class")
+    r.add_argument("--trust-checkpoint", action="store_true", help=_TRUST_HELP)
     r.add_argument("--ground-truth", action="store_true",
                    help="also relax every placement with the DFT calculator (targets/compute files, metrics)")
     r.add_argument("--gt-fmax", type=float, help="ground-truth relaxation fmax (default 0.02 eV/Å)")
@@ -171,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--per-model", action="store_true", help="put the run in <out>/<model>")
     d.add_argument("--placements", type=int, default=4, help="random placements per system (default 4)")
     d.add_argument("--k", type=int, default=5, help="DFT single points per system (default 5)")
-    d.add_argument("--ml-calculator", help="override the ML model (default: shipped, else EMT)")
+    d.add_argument("--ml-calculator", help="override the ML model (default: the shipped model; e.g. emt)")
+    d.add_argument("--trust-checkpoint", action="store_true", help=_TRUST_HELP)
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=_demo)
     m = sub.add_parser("metrics", help="success@k, ML-only success and speedup from OC20-Dense files")

@@ -262,12 +262,13 @@ def load_config(path: str | os.PathLike) -> dict:
 
 
 def shipped_model_available() -> bool:
-    """Whether ``checkpoints/eqv2-emt-small.pt`` (the shipped model) exists."""
-    from eqv2_calc.calculator import default_checkpoint
+    """Whether this installation contains the shipped model (``eqv2-emt-small.pt``, found by
+    :func:`eqv2_calc.checkpoint.registry.shipped_checkpoint`)."""
+    from eqv2_calc.checkpoint.registry import shipped_checkpoint
     from eqv2_calc.errors import CheckpointError
 
     try:
-        default_checkpoint()
+        shipped_checkpoint()
         return True
     except CheckpointError:
         return False
@@ -282,8 +283,11 @@ def _import_calculator(spec: str) -> Any:
     return cls()
 
 
-def make_ml_calculator(spec: str) -> Any:
-    """The ML force field named by ``spec`` (see :attr:`RunConfig.ml_calculator`)."""
+def make_ml_calculator(spec: str, trust_checkpoint: bool = False) -> Any:
+    """The ML force field named by ``spec`` (see :attr:`RunConfig.ml_calculator`).
+
+    ``trust_checkpoint``: load an EquiformerV2 checkpoint even if its pickle holds objects beyond
+    the safe allow-list (see :func:`eqv2_calc.checkpoint.load_model`); only for trusted files."""
     s = spec.strip()
     if s.lower() == "emt":
         from ase.calculators.emt import EMT
@@ -296,10 +300,10 @@ def make_ml_calculator(spec: str) -> Any:
 
     try:
         if s.lower() in ("shipped", "default"):
-            return EquiformerV2Calculator()
+            return EquiformerV2Calculator(trust_checkpoint=trust_checkpoint)
         if os.path.exists(s):
-            return EquiformerV2Calculator(checkpoint_path=s)
-        return EquiformerV2Calculator(model_name=s)
+            return EquiformerV2Calculator(checkpoint_path=s, trust_checkpoint=trust_checkpoint)
+        return EquiformerV2Calculator(model_name=s, trust_checkpoint=trust_checkpoint)
     except CheckpointError as e:
         raise InputError(f"ML model {spec!r}: {e} (or use --ml-calculator emt)") from None
 

@@ -6,9 +6,14 @@ import argparse
 import json
 
 
+TRUST_HELP = ("load the checkpoint even if its pickle holds objects beyond tensors, containers, numbers and "
+              "strings (full unpickling can run code from the file: only for files you trust)")
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     info = sub.add_parser("info", help="print a checkpoint's metadata (architecture, energy convention, cutoff, ...)")
     info.add_argument("checkpoint", help="checkpoint file or official name")
+    info.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     info.set_defaults(func=run_info)
 
     pred = sub.add_parser("predict", help="energies and forces of every structure in a file")
@@ -18,13 +23,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     pred.add_argument("--device", default="auto")
     pred.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     pred.add_argument("--max-atoms", type=int, default=2000, help="atoms per model call")
+    pred.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     pred.set_defaults(func=run_predict)
 
 
 def run_info(args: argparse.Namespace) -> int:
     from eqv2_calc.checkpoint import load_model
 
-    _, meta = load_model(args.checkpoint)
+    _, meta = load_model(args.checkpoint, trust_checkpoint=args.trust_checkpoint)
     print(json.dumps({**meta.to_dict(), "config": meta.config}, indent=2))
     return 0
 
@@ -36,7 +42,8 @@ def run_predict(args: argparse.Namespace) -> int:
     from eqv2_calc.calculator import EquiformerV2Calculator
 
     frames = read(args.input, ":")
-    calc = EquiformerV2Calculator(args.checkpoint, device=args.device, dtype=args.dtype)
+    calc = EquiformerV2Calculator(args.checkpoint, device=args.device, dtype=args.dtype,
+                                  trust_checkpoint=args.trust_checkpoint)
     results = calc.predict_batch(frames, max_atoms=args.max_atoms, progress=True)
     for atoms, res in zip(frames, results):
         atoms.calc = SinglePointCalculator(atoms, energy=res["energy"], forces=res["forces"])

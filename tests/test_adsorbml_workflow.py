@@ -105,10 +105,12 @@ def test_tiny_ground_truth_run_outputs_export_and_metrics(tmp_path, capsys):
     assert "seed" in capsys.readouterr().err
 
 
-def test_demo_falls_back_to_emt_with_a_note(tmp_path, monkeypatch, capsys):
-    """Without checkpoints/eqv2-emt-small.pt the demo runs with EMT as the 'ML' model and says so."""
+def test_demo_without_the_shipped_model_is_an_error_not_an_emt_fallback(tmp_path, monkeypatch, capsys):
+    """A missing shipped model stops the demo with a message; EMT as the 'ML' model only on request."""
     import adsorbml.workflow as wf
     from adsorbml.workflow import RunSummary
+    from eqv2_calc.checkpoint import registry
+    from eqv2_calc.errors import CheckpointError
 
     seen = {}
 
@@ -116,12 +118,19 @@ def test_demo_falls_back_to_emt_with_a_note(tmp_path, monkeypatch, capsys):
         seen["cfg"], seen["out"] = cfg, out
         return RunSummary(tmp_path, 1, [], 0, 0, 0, 0, 0, 0.0)
 
-    monkeypatch.setattr(wf, "shipped_model_available", lambda: False)
+    def missing():
+        raise CheckpointError("the shipped model eqv2-emt-small.pt is not part of this installation")
+
     monkeypatch.setattr(wf, "run_workflow", fake_run)
     monkeypatch.chdir(tmp_path)
-    assert main(["demo", "--quiet"]) == 0
-    out = capsys.readouterr().out
-    assert "NOTE" in out and "EMT" in out
+    real = registry.shipped_checkpoint
+    monkeypatch.setattr(registry, "shipped_checkpoint", missing)
+    assert main(["demo", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "eqv2-emt-small.pt" in err and "--ml-calculator emt" in err
+    assert not seen  # nothing ran
+
+    assert main(["demo", "--quiet", "--ml-calculator", "emt"]) == 0  # explicit request only
     cfg = seen["cfg"]
     assert cfg.ml_calculator == "emt" and cfg.dft_calculator == "emt" and cfg.ground_truth
     assert [s.to_dict() for s in cfg.slabs] == [{"bulk": "Pt", "miller": [1, 1, 1], "max_slabs": 1},
@@ -129,7 +138,7 @@ def test_demo_falls_back_to_emt_with_a_note(tmp_path, monkeypatch, capsys):
     assert cfg.adsorbates == ["*CO", "*O", "*OH"] and cfg.fmax == 0.02 and cfg.steps == 300
     assert str(seen["out"]).endswith("adsorbml-demo/emt")
 
-    monkeypatch.setattr(wf, "shipped_model_available", lambda: True)
+    monkeypatch.setattr(registry, "shipped_checkpoint", real)
     assert main(["demo", "--quiet"]) == 0
     assert seen["cfg"].ml_calculator == "shipped" and str(seen["out"]).endswith("adsorbml-demo/eqv2-emt-small")
-    assert "NOTE" not in capsys.readouterr().out
+    assert f"shipped EquiformerV2 checkpoint ({real()})" in capsys.readouterr().out

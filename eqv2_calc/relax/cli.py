@@ -81,6 +81,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--device", default=None, help="torch device for --checkpoint (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="model dtype for --checkpoint (default float32; the optimizer is float64)")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="load --checkpoint even if its pickle holds objects beyond tensors, containers, numbers "
+                        "and strings (full unpickling can run code from the file: only for files you trust)")
     p.add_argument("--index", default=":", help="ase.io frame selection (default ':' = all)")
     p.add_argument("--reference", default=None,
                    help="reference relaxed structures (same frames, with energies) for IS2RE MAE and ADwT")
@@ -97,7 +100,8 @@ def _make_potential(args: argparse.Namespace) -> Any:
         return getattr(importlib.import_module(module), cls)()
     from eqv2_calc.potential import load_potential
 
-    return load_potential(args.checkpoint, device=args.device or "auto", dtype=args.dtype)
+    return load_potential(args.checkpoint, device=args.device or "auto", dtype=args.dtype,
+                          trust_checkpoint=args.trust_checkpoint)
 
 
 def fingerprint(atoms: Atoms, fix_tag0: bool = False) -> str:

@@ -326,7 +326,9 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, stop_after: int | Non
     step = 0
     resume_path = out / RESUME_FILE
     if resume and resume_path.is_file():
-        state = torch.load(resume_path, map_location="cpu", weights_only=False)
+        # our own file, but it holds only tensors, dicts, lists and numbers (model, AdamW, LambdaLR
+        # and EMA state dicts, TrainConfig as a dict): no full unpickling needed
+        state = torch.load(resume_path, map_location="cpu", weights_only=True)
         _check_resume(state["train_config"], cfg)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
