@@ -37,7 +37,7 @@ from ase.io import read
 
 from eqv2_calc import EquiformerV2Calculator
 from eqv2_calc.relax import relax_batch
-from eqv2_calc.train.dataset import fixed_mask
+from eqv2_calc.relax.constraints import fixed_atoms
 from eqv2_calc.train.emt_data import adsorbate_atoms
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ def frame_errors(calc: EquiformerV2Calculator, path: Path) -> dict[str, float]:
         de = abs(p["energy"] - a.get_potential_energy())
         e_abs.append(de)
         e_atom.append(de / len(a))
-        free = ~fixed_mask(a)
+        free = ~fixed_atoms(a)
         df = p["forces"][free] - a.calc.results["forces"][free]
         f_comp += float(np.abs(df).sum())
         f_l2 += float(np.linalg.norm(df, axis=1).sum())

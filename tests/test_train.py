@@ -230,7 +230,7 @@ def test_compressed_frames_sample_repulsion_and_stay_in_training(tmp_path):
         d_f = f.get_distances(ads[0], metal, mic=True).min()
         d_r = relaxed.get_distances(ads[0], metal, mic=True).min()
         assert COMPRESSION_RANGE[0] - 1e-6 <= d_f / d_r < 1.0  # above the range only if the force cap hit
-        assert np.abs(f.calc.results["forces"][~fixed_mask(f)]).max() <= MAX_COMPRESSED_FORCE
+        assert np.abs(f.calc.results["forces"][~fixed_atoms(f)]).max() <= MAX_COMPRESSED_FORCE
         assert f.get_potential_energy() > relaxed.get_potential_energy()
         # net EMT force on the adsorbate points away from the surface (repulsion)
         assert f.calc.results["forces"][ads, 2].sum() > 0
@@ -253,3 +253,18 @@ def test_emt_data_rejects_bad_counts(tmp_path, capsys):
     assert main(["emt-data", str(tmp_path / "d"), "--starts", "0"]) == 2
     assert "starts >= 1" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+def test_frames_use_the_relaxers_constraint_rules():
+    """A FixCartesian atom (partly fixed) is excluded from the force loss like a FixAtoms atom;
+    a constraint the relaxer cannot honour is an error, not silently ignored."""
+    from ase import Atoms
+    from ase.constraints import FixBondLength, FixCartesian
+
+    atoms = Atoms("Cu4", positions=[[0, 0, 0], [2.5, 0, 0], [0, 2.5, 0], [0, 0, 2.5]], cell=[8, 8, 8], pbc=True)
+    atoms.calc = SinglePointCalculator(atoms, energy=-1.0, forces=np.ones((4, 3)))
+    atoms.set_constraint([FixAtoms(indices=[0]), FixCartesian(2, mask=(False, False, True))])
+    assert frame_from_atoms(atoms).fixed.tolist() == [True, False, True, False]
+    atoms.set_constraint(FixBondLength(1, 3))
+    with pytest.raises(InputError, match="FixBondLength"):
+        frame_from_atoms(atoms)

@@ -17,7 +17,7 @@ from eqv2_calc.errors import InputError
 SUPPORTED_CONSTRAINTS: tuple[str, ...] = ("FixAtoms", "FixCartesian")
 
 
-def free_mask(atoms: Atoms, *, fix_tag0: bool = False, index: int | None = None) -> np.ndarray:
+def free_mask(atoms: Atoms, *, fix_tag0: bool = False, index: int | str | None = None) -> np.ndarray:
     """Return a [n_atoms, 3] bool array, False where a Cartesian component is fixed.
 
     Parameters
@@ -54,3 +54,10 @@ def free_mask(atoms: Atoms, *, fix_tag0: bool = False, index: int | None = None)
             )
         free[tags == 0] = False
     return free
+
+
+def fixed_atoms(atoms: Atoms, *, index: int | str | None = None) -> np.ndarray:
+    """[n_atoms] bool: atoms with at least one fixed Cartesian component (see :func:`free_mask`).
+
+    The OC20 force loss and metrics run over the other atoms only."""
+    return ~free_mask(atoms, index=index).all(axis=1)

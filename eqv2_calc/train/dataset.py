@@ -1,52 +1,47 @@
 """Training data: labelled frames, precomputed radius graphs and packed training batches.
 
 A *frame* is one labelled structure: atomic numbers, geometry, energy (eV), forces (eV/Å)
-and which atoms are fixed (ASE ``FixAtoms``). Frames come from extxyz files or ASE
-databases (:func:`read_frames`). Positions never change during training, so the radius graph
-of every frame is built once (:class:`GraphDataset`, with :func:`eqv2_calc.graph.radius_graph`
-and the model's cutoff / max-neighbour rule) and batches are packed like the rest of the
-package: atoms of all frames concatenated, edge indices offset (:func:`collate`).
+and which atoms are fixed (ASE ``FixAtoms``/``FixCartesian``, read exactly as the relaxer
+reads them: :func:`eqv2_calc.relax.constraints.fixed_atoms`). Frames come from extxyz files
+or ASE databases (:func:`read_frames`). Positions never change during training, so the
+radius graph of every frame is built once (:class:`GraphDataset`, with
+:func:`eqv2_calc.graph.radius_graph` and the model's cutoff / max-neighbour rule).
 
-Shapes of a :class:`TrainBatch` (N atoms, E edges, S frames): ``numbers`` [N] int64,
-``edge_src``/``edge_dst`` [E] int64, ``edge_vec`` [E, 3] Å, ``system_idx`` [N], ``natoms`` [S],
-``energy`` [S] eV, ``forces`` [N, 3] eV/Å, ``free`` [N] bool.
+Batches are the package's packed :class:`~eqv2_calc.graph.AtomsBatch`, extended with labels
+and the graph (:class:`TrainBatch`); :func:`collate` concatenates single-frame batches.
+Extra fields (N atoms, E edges, S frames): ``energy`` [S] eV, ``forces`` [N, 3] eV/Å,
+``free`` [N] bool (atoms with no fixed component: the force loss runs over these), ``graph``
+(:class:`~eqv2_calc.graph.Graph`, E edges, indices into the batch's atoms).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from ase import Atoms
-from ase.constraints import FixAtoms
 
 from eqv2_calc.errors import InputError
-from eqv2_calc.graph.batch import atoms_to_batch
-from eqv2_calc.graph.neighbors import radius_graph
+from eqv2_calc.graph.batch import AtomsBatch, atoms_to_batch
+from eqv2_calc.graph.neighbors import Graph, radius_graph
+from eqv2_calc.relax.constraints import fixed_atoms
 
 
 @dataclass
 class Frame:
     """One labelled structure. energy in eV, forces [n, 3] in eV/Å (raw, also on fixed atoms),
-    fixed [n] bool (True = held by FixAtoms; excluded from the force loss)."""
+    fixed [n] bool (True = at least one Cartesian component held by ``FixAtoms`` /
+    ``FixCartesian``; excluded from the force loss)."""
 
     atoms: Atoms
     energy: float
     forces: np.ndarray
     fixed: np.ndarray
-
-
-def fixed_mask(atoms: Atoms) -> np.ndarray:
-    """[n] bool: atoms held fixed by ``FixAtoms`` constraints (other constraints are ignored)."""
-    mask = np.zeros(len(atoms), dtype=bool)
-    for c in atoms.constraints:
-        if isinstance(c, FixAtoms):
-            mask[c.get_indices()] = True
-    return mask
 
 
 def frame_from_atoms(atoms: Atoms, where: str = "") -> Frame:
@@ -64,13 +59,14 @@ def frame_from_atoms(atoms: Atoms, where: str = "") -> Frame:
         raise InputError(f"structure {where}: forces have shape {forces.shape}, expected ({len(atoms)}, 3)")
     clean = Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
     clean.info.update(atoms.info)
-    return Frame(atoms=clean, energy=energy, forces=forces, fixed=fixed_mask(atoms))
+    return Frame(atoms=clean, energy=energy, forces=forces, fixed=fixed_atoms(atoms, index=where or None))
 
 
 def read_frames(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Frame]:
     """Read labelled frames from extxyz files (``.xyz``/``.extxyz``, any ASE-readable
     trajectory) and/or ASE databases (``.db``/``.json`` via ``ase.db``). Energies must be in
-    eV and forces in eV/Å; ``FixAtoms`` constraints mark the fixed atoms."""
+    eV and forces in eV/Å; ``FixAtoms``/``FixCartesian`` constraints mark the fixed atoms
+    (any other constraint is an error, as in the relaxer)."""
     import ase.db
     import ase.io
 
@@ -92,40 +88,41 @@ def read_frames(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[
     return frames
 
 
-@dataclass
-class GraphFrame:
-    """A frame with its radius graph (local atom indices), as tensors."""
+@dataclass(kw_only=True)
+class TrainBatch(AtomsBatch):
+    """Packed labelled frames with their graph (see the module docstring for the fields)."""
 
-    numbers: torch.Tensor  # [n] int64
-    edge_src: torch.Tensor  # [e] int64
-    edge_dst: torch.Tensor  # [e] int64
-    edge_vec: torch.Tensor  # [e, 3] float64, Å
-    energy: float  # eV
-    forces: torch.Tensor  # [n, 3] float64, eV/Å
-    free: torch.Tensor  # [n] bool
+    PER_ATOM_FIELDS = AtomsBatch.PER_ATOM_FIELDS + ("forces", "free")
+    PER_SYSTEM_FIELDS = AtomsBatch.PER_SYSTEM_FIELDS + ("energy",)
 
-
-@dataclass
-class TrainBatch:
-    """Packed frames (see module docstring for shapes)."""
-
-    numbers: torch.Tensor
-    edge_src: torch.Tensor
-    edge_dst: torch.Tensor
-    edge_vec: torch.Tensor
-    system_idx: torch.Tensor
-    natoms: torch.Tensor
     energy: torch.Tensor
     forces: torch.Tensor
     free: torch.Tensor
+    graph: Graph
 
-    @property
-    def num_systems(self) -> int:
-        return int(self.natoms.shape[0])
+    def _shared(self) -> dict[str, Any]:
+        return {"graph": self.graph}
+
+    @classmethod
+    def _merge_shared(cls, parts: Sequence[AtomsBatch]) -> dict[str, Any]:
+        return {"graph": Graph.concat([p.graph for p in parts], [p.num_atoms for p in parts])}  # type: ignore[attr-defined]
+
+    def select(self, systems: Sequence[int] | np.ndarray | torch.Tensor) -> "TrainBatch":
+        out = super().select(systems)
+        out.graph = self.graph.select(np.asarray(torch.as_tensor(systems).cpu()), self.natoms)
+        return out
+
+    def to(self, device: torch.device | str) -> "TrainBatch":
+        out = super().to(device)
+        if out is not self:
+            out.graph = Graph(**{f.name: getattr(self.graph, f.name).to(device)
+                                 for f in dataclasses.fields(Graph)})
+        return out
 
     def model_inputs(self) -> tuple:
         """Arguments of :meth:`eqv2_calc.model.EquiformerV2.forward`."""
-        return (self.numbers, self.edge_src, self.edge_dst, self.edge_vec, self.system_idx, self.num_systems)
+        g = self.graph
+        return (self.numbers, g.src, g.dst, g.vec, self.system_idx, self.num_systems)
 
 
 class GraphDataset:
@@ -143,17 +140,19 @@ class GraphDataset:
         if len(frames) == 0:
             raise InputError("the dataset is empty")
         self.frames = list(frames)
-        self.items: list[GraphFrame] = []
+        self.items: list[TrainBatch] = []
         for i, fr in enumerate(tqdm(self.frames, desc="graphs", disable=not progress)):
             z = fr.atoms.numbers
             if z.min() < 1 or z.max() >= max_num_elements:
                 raise InputError(f"frame {i}: atomic numbers must lie in 1..{max_num_elements - 1}")
             batch = atoms_to_batch([fr.atoms])
-            g = radius_graph(batch, cutoff, max_neighbors, strict, use_pbc)
-            self.items.append(GraphFrame(
-                numbers=batch.numbers, edge_src=g.src, edge_dst=g.dst, edge_vec=g.vec,
-                energy=fr.energy, forces=torch.as_tensor(fr.forces, dtype=torch.float64),
+            self.items.append(TrainBatch(
+                **{f: getattr(batch, f) for f in AtomsBatch.PER_ATOM_FIELDS + AtomsBatch.PER_SYSTEM_FIELDS},
+                system_idx=batch.system_idx,
+                energy=torch.tensor([fr.energy], dtype=torch.float64),
+                forces=torch.as_tensor(fr.forces, dtype=torch.float64),
                 free=torch.as_tensor(~fr.fixed),
+                graph=radius_graph(batch, cutoff, max_neighbors, strict, use_pbc),
             ))
 
     def __len__(self) -> int:
@@ -161,12 +160,12 @@ class GraphDataset:
 
     @property
     def mean_atoms(self) -> float:
-        return float(np.mean([len(it.numbers) for it in self.items]))
+        return float(np.mean([it.num_atoms for it in self.items]))
 
     @property
     def mean_degree(self) -> float:
         """Mean number of incoming edges per atom."""
-        return sum(int(it.edge_src.numel()) for it in self.items) / sum(len(it.numbers) for it in self.items)
+        return sum(int(it.graph.src.numel()) for it in self.items) / sum(it.num_atoms for it in self.items)
 
     def batches(
         self, batch_size: int, shuffle: bool = False, seed: int = 0, epoch: int = 0,
@@ -191,23 +190,12 @@ def epoch_order(n: int, batch_size: int, shuffle: bool, seed: int, epoch: int) -
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
-def collate(items: Sequence[GraphFrame], dtype: torch.dtype = torch.float32,
+def collate(items: Sequence[TrainBatch], dtype: torch.dtype = torch.float32,
             device: torch.device | str = "cpu") -> TrainBatch:
-    """Pack frames into one :class:`TrainBatch` (edge indices offset by the atoms before)."""
-    counts = [len(it.numbers) for it in items]
-    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    dev = torch.device(device)
-    return TrainBatch(
-        numbers=torch.cat([it.numbers for it in items]).to(dev),
-        edge_src=torch.cat([it.edge_src + int(o) for it, o in zip(items, offsets)]).to(dev),
-        edge_dst=torch.cat([it.edge_dst + int(o) for it, o in zip(items, offsets)]).to(dev),
-        edge_vec=torch.cat([it.edge_vec for it in items]).to(dev, dtype),
-        system_idx=torch.repeat_interleave(torch.arange(len(items)), torch.tensor(counts)).to(dev),
-        natoms=torch.tensor(counts, dtype=torch.long, device=dev),
-        energy=torch.tensor([it.energy for it in items], dtype=dtype, device=dev),
-        forces=torch.cat([it.forces for it in items]).to(dev, dtype),
-        free=torch.cat([it.free for it in items]).to(dev),
-    )
+    """Pack frames into one :class:`TrainBatch` on ``device``, labels in ``dtype`` (geometry
+    stays float64; the model casts edge vectors to its own dtype)."""
+    batch = TrainBatch.concat(items).to(device)
+    return dataclasses.replace(batch, energy=batch.energy.to(dtype), forces=batch.forces.to(dtype))
 
 
 def fit_element_references(frames: Sequence[Frame], max_num_elements: int = 90) -> np.ndarray:
@@ -229,6 +217,6 @@ def fit_element_references(frames: Sequence[Frame], max_num_elements: int = 90) 
 
 
 __all__ = [
-    "Frame", "GraphFrame", "TrainBatch", "GraphDataset", "read_frames", "frame_from_atoms",
-    "fixed_mask", "collate", "epoch_order", "fit_element_references",
+    "Frame", "TrainBatch", "GraphDataset", "read_frames", "frame_from_atoms",
+    "collate", "epoch_order", "fit_element_references",
 ]

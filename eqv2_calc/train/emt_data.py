@@ -62,7 +62,7 @@ from ase.io import write
 from ase.optimize import BFGS
 
 from eqv2_calc.errors import InputError
-from eqv2_calc.train.dataset import fixed_mask
+from eqv2_calc.relax.constraints import fixed_atoms
 
 METALS: tuple[str, ...] = ("Al", "Cu", "Ag", "Au", "Ni", "Pd", "Pt")
 FACETS: tuple[str, ...] = ("111", "100", "110", "211")
@@ -182,7 +182,7 @@ def _relax_frames(
         a = start.copy()
         a.positions = pos
         frames.append(_with_results(a, e, f, kind="traj", frame=int(k), **meta))
-    free = ~fixed_mask(start)
+    free = ~fixed_atoms(start)
     relaxed = start.copy()
     relaxed.positions = traj[-1][0]
     relaxed = _with_results(relaxed, traj[-1][1], traj[-1][2], **meta)
@@ -206,7 +206,7 @@ def compressed_frame(relaxed: Atoms, rng: np.random.Generator, **info) -> Atoms 
     if len(ads) == 0:
         return None
     metal = np.flatnonzero(relaxed.get_tags() != 2)
-    free = ~fixed_mask(relaxed)
+    free = ~fixed_atoms(relaxed)
     d = relaxed.get_distances(ads[0], metal, mic=True, vector=True)
     near = d[np.argmin(np.linalg.norm(d, axis=1))]  # binding atom → nearest metal atom, Å
     shift = near * (1.0 - rng.uniform(*COMPRESSION_RANGE))
