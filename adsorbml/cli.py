@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from adsorbml.errors import AdsorbMLError
+from eqv2_calc.errors import Eqv2Error
 
 
 def _metrics(args: argparse.Namespace) -> int:
@@ -218,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tune_allocator()
     try:
         return args.func(args)
-    except (AdsorbMLError, FileNotFoundError) as e:
+    except (Eqv2Error, FileNotFoundError) as e:  # bad input: a message, not a traceback
         print(f"adsorbml {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,18 +1,18 @@
-"""Exception hierarchy of the AdsorbML workflow.
+"""Exception hierarchy of the AdsorbML workflow, part of eqv2-calc's (:mod:`eqv2_calc.errors`).
 
-Every error raised for bad user input derives from :class:`AdsorbMLError` (and from
-``ValueError`` where the problem is a bad value), so callers can catch one class.
+Bad input of any kind raises :class:`~eqv2_calc.errors.InputError` — the same class in both
+packages, re-exported here — or a subclass of it; workflow failures that are not about one
+bad value derive from :class:`AdsorbMLError`. Both derive from
+:class:`~eqv2_calc.errors.Eqv2Error`, so callers can catch one class.
 """
 
 from __future__ import annotations
 
-
-class AdsorbMLError(Exception):
-    """Base class of all adsorbml errors."""
+from eqv2_calc.errors import Eqv2Error, InputError
 
 
-class InputError(AdsorbMLError, ValueError):
-    """A slab, bulk, adsorbate or option is malformed (missing tags, bad Miller index, ...)."""
+class AdsorbMLError(Eqv2Error):
+    """Base class of adsorbml errors that are not bad input (store, placements)."""
 
 
 class UnknownAdsorbateError(InputError, KeyError):
@@ -22,9 +22,12 @@ class UnknownAdsorbateError(InputError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-class FormatError(AdsorbMLError, ValueError):
+class FormatError(InputError):
     """A targets / compute / results file does not have the OC20-Dense structure."""
 
 
 class PlacementError(AdsorbMLError):
     """Adsorbate placements could not be generated (no surface atoms, no sites, ...)."""
+
+
+__all__ = ["AdsorbMLError", "InputError", "UnknownAdsorbateError", "FormatError", "PlacementError"]

@@ -1,4 +1,9 @@
-"""Exception hierarchy. Every error raised for bad user input derives from :class:`Eqv2Error`."""
+"""Exception hierarchy of eqv2-calc and adsorbml.
+
+Every error raised for bad user input derives from :class:`Eqv2Error`; every bad value or
+structure from :class:`InputError` (also a ``ValueError``), in both packages
+(:mod:`adsorbml.errors` adds its own subclasses), so callers catch one class.
+"""
 
 from __future__ import annotations
 
@@ -19,10 +24,6 @@ class InputError(Eqv2Error, ValueError):
 
 class UnsupportedElementError(InputError):
     """An atomic number lies outside what the model was trained on."""
-
-
-class GraphError(Eqv2Error):
-    """The neighbour graph could not be built."""
 
 
 class RelaxationError(Eqv2Error):

@@ -2,7 +2,8 @@
 
 Pure model: packed graph tensors in, energies (eV) and forces (eV/Å) out; no ASE, no I/O.
 Graph building lives in :mod:`eqv2_calc.graph`, checkpoint reading in
-:mod:`eqv2_calc.checkpoint`, batching of ASE structures in :mod:`eqv2_calc.predictor`.
+:mod:`eqv2_calc.checkpoint`, packing of ASE structures and the batched potential in
+:mod:`eqv2_calc.graph` and :mod:`eqv2_calc.potential`.
 
 Shapes: N atoms, E edges, S systems, K = (L+1)², Kr = edge-frame rows, C channels.
 
