@@ -173,14 +173,14 @@ class GasReferences:
         from ase.build import molecule
         from ase.optimize import BFGS, LBFGS
 
-        from eqv2_calc.potential import _ase_in_memory  # the project's copy-or-share rule
+        from eqv2_calc.potential import is_ase_in_memory  # the copy-or-share rule of ASEPotential
 
         opt_cls = {"BFGS": BFGS, "LBFGS": LBFGS}.get(optimizer)
         if opt_cls is None:
             raise InputError(f"optimizer={optimizer!r}; expected 'BFGS' or 'LBFGS'")
         if isinstance(calc, BaseCalculator):
             template = calc
-            new_calc = (lambda: copy.deepcopy(template)) if _ase_in_memory(template) else (lambda: template)
+            new_calc = (lambda: copy.deepcopy(template)) if is_ase_in_memory(template) else (lambda: template)
         elif callable(calc):
             template, new_calc = None, calc
         else:

@@ -111,7 +111,7 @@ class ASEPotential(Potential):
                 raise InputError(f"policy={policy!r} needs calc=...; a factory alone means policy='fresh'")
             policy = "fresh"
         elif policy == "auto":
-            policy = "copy" if _ase_in_memory(calc) else "share"
+            policy = "copy" if is_ase_in_memory(calc) else "share"
         self.calc = calc
         self.policy: str = policy
         self.device = torch.device("cpu")
@@ -161,7 +161,7 @@ class ASEPotential(Potential):
         )
 
 
-def _ase_in_memory(calc: BaseCalculator) -> bool:
+def is_ase_in_memory(calc: BaseCalculator) -> bool:
     """ASE's own in-memory calculators (EMT, LennardJones, Morse, ... and subclasses of them)
     are cheap and safe to copy per structure; file-based and third-party calculators are not."""
     from ase.calculators.calculator import FileIOCalculator
