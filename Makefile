@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 REFVENV ?= /tmp/eqv2-refvenv
 
-.PHONY: venv install install-test install-adsorbml demo demo-calculator test test-reference bench bench-relax clean
+.PHONY: venv install install-test install-adsorbml demo demo-calculator test test-reference wheel wheel-smoke bench bench-relax clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -34,6 +34,16 @@ install-adsorbml: venv
 test: install-test
 	$(BIN)/python -m pytest -q
 
+# a wheel in dist/ (carries the shipped model as eqv2_calc/shipped/); built from a clean clone
+wheel: venv
+	rm -rf dist && git clone -q . dist/src && $(BIN)/python -m pip wheel -q --no-deps -w dist dist/src && rm -rf dist/src
+	@ls dist/*.whl
+
+# acceptance check of the packaging: clean clone -> wheel -> fresh venv -> calculator and
+# `adsorbml demo --placements 1` from /tmp (tests committed HEAD; needs PyPI)
+wheel-smoke:
+	.ci/wheel_smoke.sh
+
 # Parity checks against the live fairchem 1.10 reference (needs ../shared/reference/setup_refvenv.sh)
 test-reference: install-test
 	EQV2_REFVENV=$(REFVENV) $(BIN)/python -m pytest -q -m reference
@@ -45,4 +55,4 @@ bench-relax: install
 	$(BIN)/python benchmarks/relax.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info
