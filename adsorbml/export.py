@@ -36,6 +36,7 @@ from ase import Atoms
 from ase.io import read, write
 
 from adsorbml.errors import InputError
+from eqv2_calc.io import atomic_write, atomic_write_text, copy_with_results, frame_with_results
 
 __all__ = [
     "MLResult",
@@ -157,22 +158,10 @@ def write_vasp_inputs(atoms: Atoms, directory: str | os.PathLike, single_point: 
     d.mkdir(parents=True, exist_ok=True)
     a = _right_handed(atoms)
     a.calc = None
-    write(d / "POSCAR", a, format="vasp", direct=False, sort=False)
-    (d / "INCAR").write_text(incar_text(single_point, **incar))
-    (d / "KPOINTS").write_text(kpoints_text(surface_kpoints(a)))
+    atomic_write(d / "POSCAR", lambda tmp: write(tmp, a, format="vasp", direct=False, sort=False))
+    atomic_write_text(d / "INCAR", incar_text(single_point, **incar))
+    atomic_write_text(d / "KPOINTS", kpoints_text(surface_kpoints(a)))
     return d
-
-
-def _plain_copy(atoms: Atoms, info: Mapping[str, Any]) -> Atoms:
-    a = atoms.copy()
-    a.info = {k: v for k, v in a.info.items() if np.isscalar(v)}
-    a.info.update(info)
-    if atoms.calc is not None:
-        from ase.calculators.singlepoint import SinglePointCalculator
-
-        res = {k: v for k, v in atoms.calc.results.items() if k in ("energy", "forces", "free_energy")}
-        a.calc = SinglePointCalculator(a, **res)
-    return a
 
 
 def export_top_k(
@@ -195,15 +184,16 @@ def export_top_k(
         sdir = out / str(sid)
         sdir.mkdir(parents=True, exist_ok=True)
         frames = [
-            _plain_copy(r.atoms, {"system_id": str(sid), "config_id": r.config_id, "rank": i, "ml_energy": float(r.ml_energy)})
+            copy_with_results(r.atoms, scalar_info_only=True, info={
+                "system_id": str(sid), "config_id": r.config_id, "rank": i, "ml_energy": float(r.ml_energy)})
             for i, r in enumerate(top)
         ]
         if frames:
-            write(sdir / "top_k.extxyz", frames, format="extxyz")
+            atomic_write(sdir / "top_k.extxyz", lambda tmp: write(tmp, frames, format="extxyz"))
         if vasp:
             for r in top:
                 paths.append(write_vasp_inputs(r.atoms, sdir / r.config_id, single_point=True, **incar))
-    (out / "paths.txt").write_text("".join(f"{p}\n" for p in paths))
+    atomic_write_text(out / "paths.txt", "".join(f"{p}\n" for p in paths))
     return paths
 
 
@@ -306,9 +296,7 @@ def run_single_points(structures: Sequence[Atoms], calculator: Any, progress: bo
         try:
             e = float(a.get_potential_energy())
             f = a.get_forces(apply_constraint=False)
-            from ase.calculators.singlepoint import SinglePointCalculator
-
-            a.calc = SinglePointCalculator(a, energy=e, forces=f)
+            a = frame_with_results(a, e, f)
             out.append(DFTResult(e if math.isfinite(e) else None, None, 1, None, a))
         except Exception:  # noqa: BLE001 — record the failure, keep going
             out.append(DFTResult(None, None, 1, False, None))

@@ -345,20 +345,25 @@ def validate_results(results: Any) -> Results:
 
 
 def _dump(obj: Any, path: str | os.PathLike) -> Path:
+    from eqv2_calc.io import atomic_write, atomic_write_text
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     name = path.name.lower()
     if name.endswith(".pkl") or name.endswith(".pickle"):
-        with open(path, "wb") as f:
-            pickle.dump(obj, f)
-    elif name.endswith(".json.gz"):
-        with gzip.open(path, "wt", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1)
-    elif name.endswith(".json"):
-        path.write_text(json.dumps(obj, indent=1))
-    else:
-        raise FormatError(f"unknown file type {path.name!r}; use .json, .json.gz or .pkl")
-    return path
+        def _write(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                pickle.dump(obj, f)
+
+        return atomic_write(path, _write)
+    if name.endswith(".json.gz"):
+        def _write(tmp: str) -> None:  # the gzip header names the target, not the temporary file
+            with open(tmp, "wb") as raw, gzip.GzipFile(filename=path.name, mode="wb", fileobj=raw) as f:
+                f.write(json.dumps(obj, indent=1).encode("utf-8"))
+
+        return atomic_write(path, _write)
+    if name.endswith(".json"):
+        return atomic_write_text(path, json.dumps(obj, indent=1))
+    raise FormatError(f"unknown file type {path.name!r}; use .json, .json.gz or .pkl")
 
 
 def _load(path: str | os.PathLike) -> Any:

@@ -9,7 +9,9 @@ Layout of ``<out_dir>/adsorbml.db`` (an ordinary ase.db; browse it with ``ase db
   ``run_id`` (which invocation of ``adsorbml run`` wrote it) and per stage e.g.
   ``converged``, ``nsteps``, ``ml_energy``, ``anomaly`` (``"ok"`` or the reasons);
 * arrays and provenance in ``data`` (placement site and rotation, slab info, ...);
-* ``metadata``: ``{"schema_version": 1, "config": {...}, "runs": [...]}``.
+* ``metadata``: ``{"schema_version": 1, "fingerprint": {...}, "fingerprint_sha256": "...",
+  "config": {...}, "runs": [...]}`` (``fingerprint``: the settings that determine the results,
+  see :meth:`RunStore.begin_run`).
 
 Stages (see :data:`STAGES`)::
 
@@ -113,22 +115,23 @@ class RunStore:
     def begin_run(self, config: Mapping[str, Any], fingerprint: Mapping[str, Any] | None = None) -> int:
         """Register one invocation of a run; returns its ``run_id`` (1, 2, ...).
 
-        ``fingerprint`` is the part of the configuration that determines the results; a
-        store created with a different fingerprint raises :class:`StoreError` (resuming it
-        would mix incompatible results). ``config`` is recorded as given.
+        ``fingerprint`` is the part of the configuration that determines the results (an
+        allow-list, e.g. :meth:`adsorbml.workflow.RunConfig.fingerprint`; default: all of
+        ``config``); a store created with a different fingerprint raises :class:`StoreError`
+        naming each differing key with its stored and current value (resuming would mix
+        incompatible results), see :func:`eqv2_calc.resume.check_settings`. ``config`` is
+        recorded as given.
         """
+        from eqv2_calc.resume import check_settings, settings_sha256
+
         fp = json.loads(json.dumps(dict(fingerprint if fingerprint is not None else config)))
         md = self.metadata
         if md:
-            old = md.get("fingerprint")
-            if old != fp:
-                changed = sorted(k for k in set(old or {}) | set(fp) if (old or {}).get(k) != fp.get(k))
-                raise StoreError(
-                    f"{self.directory} holds a run with different settings ({', '.join(changed)}); "
-                    "resume with the same settings or use a new output directory"
-                )
+            check_settings(md.get("fingerprint") or {}, fp, where=str(self.directory),
+                           hint="use a new output directory (--out)", error=StoreError)
         else:
-            md = {"schema_version": SCHEMA_VERSION, "fingerprint": fp, "runs": []}
+            md = {"schema_version": SCHEMA_VERSION, "fingerprint": fp, "fingerprint_sha256": settings_sha256(fp),
+                  "runs": []}
         md["config"] = json.loads(json.dumps(dict(config)))
         runs = list(md.get("runs", []))
         run_id = len(runs) + 1

@@ -27,7 +27,6 @@ eV, so targets and results share one reference)::
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import os
@@ -46,6 +45,7 @@ from adsorbml.export import MLResult, export_top_k, rank_valid, run_single_point
 from adsorbml.inputs import SlabRecord, load_slab, slabs_from_bulk
 from adsorbml.placements import Placement, generate_placements
 from adsorbml.store import RunStore
+from eqv2_calc.io import atomic_write, atomic_write_text
 
 __all__ = [
     "SlabSpec",
@@ -150,10 +150,12 @@ class RunConfig:
     k:
         DFT single points on the k lowest-energy valid placements.
     ml_calculator:
-        ``"shipped"`` (``checkpoints/eqv2-emt-small.pt``), ``"emt"``, a checkpoint path, an
-        official model name, or ``"module:Class"`` (any ASE calculator, built without args).
+        ``"shipped"`` (``checkpoints/eqv2-emt-small.pt``), a checkpoint path, an official model
+        name, a built-in ASE calculator (``"emt"``, ``"lj"``, ``"morse"``) or ``"module:Class"``
+        (any ASE calculator), the last two optionally with JSON keyword arguments
+        (``'module:Class{"key": 1}'``); parsed by :func:`eqv2_calc.calcspec.parse_calculator_spec`.
     dft_calculator:
-        ``"emt"``, ``"none"`` or ``"module:Class"``.
+        ``"none"``, a built-in ASE calculator or ``"module:Class"`` (same syntax).
     ground_truth:
         Also relax every placement with the DFT calculator (targets + compute files).
     gt_fmax, gt_steps:
@@ -181,8 +183,13 @@ class RunConfig:
     checks: list[str] = field(default_factory=lambda: list(DEFAULT_CHECKS))
     max_atoms: int | None = None
 
-    # fields that do not change any result (left out of the resume check)
-    _NON_RESULT = ("max_atoms",)
+    # The fields that determine the results (allow-list, see eqv2_calc.resume): recorded in
+    # the store and compared when resuming. EXECUTION_FIELDS only change how the work runs.
+    RESULT_FIELDS = (
+        "slabs", "adsorbates", "num_random", "heuristic", "seed", "fmax", "steps", "k",
+        "ml_calculator", "dft_calculator", "ground_truth", "gt_fmax", "gt_steps", "checks",
+    )
+    EXECUTION_FIELDS = ("max_atoms",)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "RunConfig":
@@ -216,10 +223,8 @@ class RunConfig:
         bad = set(self.checks) - set(ALL_CHECKS)
         if bad:
             raise InputError(f"unknown anomaly checks {sorted(bad)}; valid: {list(ALL_CHECKS)}")
-        d = self.dft_calculator.strip().lower()
-        if d not in ("emt", "none") and ":" not in d:
-            raise InputError(f"unknown DFT calculator {self.dft_calculator!r}; use emt, none or module:Class")
-        if self.ground_truth and self.dft_calculator.lower() == "none":
+        dft = _parse_calculator(self.dft_calculator, ("ase", "none"), "DFT calculator")
+        if self.ground_truth and dft.kind == "none":
             raise InputError("ground_truth needs a DFT calculator (e.g. --dft-calculator emt)")
 
     def to_dict(self) -> dict:
@@ -229,11 +234,10 @@ class RunConfig:
         return d
 
     def fingerprint(self) -> dict:
-        """The settings that determine the results (compared when resuming)."""
-        d = self.to_dict()
-        for k in self._NON_RESULT:
-            d.pop(k, None)
-        return d
+        """The settings that determine the results (:attr:`RESULT_FIELDS`, compared when resuming)."""
+        from eqv2_calc.resume import select_settings
+
+        return select_settings(self.to_dict(), self.RESULT_FIELDS)
 
 
 def load_config(path: str | os.PathLike) -> dict:
@@ -274,13 +278,21 @@ def shipped_model_available() -> bool:
         return False
 
 
-def _import_calculator(spec: str) -> Any:
-    mod, _, name = spec.partition(":")
+def _parse_calculator(spec: str, allow: tuple[str, ...], what: str):
+    """:func:`eqv2_calc.calcspec.parse_calculator_spec` (its errors are :class:`InputError`)."""
+    from eqv2_calc.calcspec import parse_calculator_spec
+
+    return parse_calculator_spec(spec, allow=allow, what=what)
+
+
+def _build_calculator(spec: str, allow: tuple[str, ...], what: str, **eqv2_options: Any) -> Any:
+    from eqv2_calc.errors import CheckpointError
+
+    parsed = _parse_calculator(spec, allow, what)
     try:
-        cls = getattr(importlib.import_module(mod), name)
-    except (ImportError, AttributeError) as e:
-        raise InputError(f"cannot import calculator {spec!r}: {e}") from None
-    return cls()
+        return parsed.build(**eqv2_options)
+    except CheckpointError as e:
+        raise InputError(f"{what} {spec!r}: {e} (or use --ml-calculator emt)") from None
 
 
 def make_ml_calculator(spec: str, trust_checkpoint: bool = False) -> Any:
@@ -288,38 +300,14 @@ def make_ml_calculator(spec: str, trust_checkpoint: bool = False) -> Any:
 
     ``trust_checkpoint``: load an EquiformerV2 checkpoint even if its pickle holds objects beyond
     the safe allow-list (see :func:`eqv2_calc.checkpoint.load_model`); only for trusted files."""
-    s = spec.strip()
-    if s.lower() == "emt":
-        from ase.calculators.emt import EMT
-
-        return EMT()
-    if ":" in s and not os.path.exists(s):
-        return _import_calculator(s)
-    from eqv2_calc import EquiformerV2Calculator
-    from eqv2_calc.errors import CheckpointError
-
-    try:
-        if s.lower() in ("shipped", "default"):
-            return EquiformerV2Calculator(trust_checkpoint=trust_checkpoint)
-        if os.path.exists(s):
-            return EquiformerV2Calculator(checkpoint_path=s, trust_checkpoint=trust_checkpoint)
-        return EquiformerV2Calculator(model_name=s, trust_checkpoint=trust_checkpoint)
-    except CheckpointError as e:
-        raise InputError(f"ML model {spec!r}: {e} (or use --ml-calculator emt)") from None
+    options = {"trust_checkpoint": True} if trust_checkpoint else {}
+    return _build_calculator(spec, ("ase", "eqv2"), "ML calculator", **options)
 
 
 def make_dft_calculator(spec: str) -> Any | None:
-    """The DFT (stand-in) calculator: ``"emt"``, ``"none"`` (→ None) or ``"module:Class"``."""
-    s = spec.strip()
-    if s.lower() == "none":
-        return None
-    if s.lower() == "emt":
-        from ase.calculators.emt import EMT
-
-        return EMT()
-    if ":" in s:
-        return _import_calculator(s)
-    raise InputError(f"unknown DFT calculator {spec!r}; use emt, none or module:Class (e.g. tblite.ase:TBLite)")
+    """The DFT (stand-in) calculator: ``"none"`` (→ None), a built-in ASE calculator (``"emt"``,
+    ...) or ``"module:Class"`` (see :attr:`RunConfig.dft_calculator`)."""
+    return _build_calculator(spec, ("ase", "none"), "DFT calculator")
 
 
 # --------------------------------------------------------------------------- systems
@@ -616,7 +604,7 @@ def collect_outputs(
         per_system[sid] = {"ml": ml, "dft": dft, "gt": gt}
 
     files = {"results": write_results(out / "results.json", results)}
-    (out / "anomalies.json").write_text(json.dumps(anomalies, indent=1))
+    atomic_write_text(out / "anomalies.json", json.dumps(anomalies, indent=1))
     files["anomalies"] = out / "anomalies.json"
     table = None
     if cfg.ground_truth and gt_complete and targets:
@@ -631,7 +619,7 @@ def collect_outputs(
         table = format_table(rows)
         dropped = sorted(set(system_ids) - set(targets))
         note = f"\n\nSystems without any valid ground-truth relaxation (not scored): {', '.join(dropped)}\n" if dropped else "\n"
-        (out / "metrics.md").write_text(table + note)
+        atomic_write_text(out / "metrics.md", table + note)
         files["metrics"] = out / "metrics.md"
     if plots:
         pdir = out / "plots"
@@ -691,7 +679,7 @@ def plot_system(
     ax.set_title(f"{system_id}: {len(ok)} valid / {len(ml)} relaxed")
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip(".") or "png"))
     plt.close(fig)
     return path
 

@@ -36,17 +36,17 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from ase.calculators.singlepoint import SinglePointCalculator
     from ase.io import read, write
 
     from eqv2_calc.calculator import EquiformerV2Calculator
+    from eqv2_calc.io import atomic_write, frame_with_results
 
     frames = read(args.input, ":")
     calc = EquiformerV2Calculator(args.checkpoint, device=args.device, dtype=args.dtype,
                                   trust_checkpoint=args.trust_checkpoint)
     results = calc.predict_batch(frames, max_atoms=args.max_atoms, progress=True)
-    for atoms, res in zip(frames, results):
-        atoms.calc = SinglePointCalculator(atoms, energy=res["energy"], forces=res["forces"])
-    write(args.out, frames, format="extxyz")
+    frames = [frame_with_results(atoms, res["energy"], res["forces"], stress=res.get("stress"))
+              for atoms, res in zip(frames, results)]
+    atomic_write(args.out, lambda tmp: write(tmp, frames, format="extxyz"))
     print(f"wrote {len(frames)} structures to {args.out}")
     return 0

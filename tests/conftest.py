@@ -35,3 +35,20 @@ def calculator(name: str, dtype: str = "float32"):
     if key not in _CALCS:
         _CALCS[key] = EquiformerV2Calculator(DATA / f"{name}.pt", device="cpu", dtype=dtype)
     return _CALCS[key]
+
+
+def markdown_table(text: str) -> list[dict[str, str]]:
+    """The rows of the (first) Markdown table in ``text`` as {header: cell} dicts; every row
+    must have as many cells as the header."""
+    lines = [ln.strip() for ln in text.splitlines()]
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("|"))
+    block = []
+    for ln in lines[start:]:
+        if not ln.startswith("|"):
+            break
+        block.append([c.strip() for c in ln.strip("|").split("|")])
+    header, rule, rows = block[0], block[1], block[2:]
+    assert all(set(c) <= set("-:") and c for c in rule), f"no header rule: {rule}"
+    for row in rows:
+        assert len(row) == len(header), f"row {row} does not match header {header}"
+    return [dict(zip(header, row)) for row in rows]

@@ -7,6 +7,7 @@ import math
 import pytest
 
 from adsorbml.errors import FormatError
+from conftest import markdown_table
 from adsorbml.metrics import (
     format_table,
     metrics_table,
@@ -125,7 +126,14 @@ def test_table():
     assert rows[1].speedup_scf == pytest.approx(12.0)
     text = format_table(rows)
     assert text.count("\n") == 6  # header, rule, 5 rows
-    assert "| 2 | 50.0 % | 25.0 % | 12.0× | 24.0× | 25.0 % | 4 | 1.50 |" in text
+    table = markdown_table(text)
+    assert [row["k"] for row in table] == ["1", "2", "3", "4", "5"]
+    assert table[1] == {
+        "k": "2", "success": "50.0 %", "much better": "25.0 %", "speedup (SCF)": "12.0×",
+        "speedup (ionic / force calls)": "24.0×", "ML-only success": "25.0 %", "systems": "4",
+        "ML s/relaxation": "1.50",
+    }
+    assert table[0]["success"] == "25.0 %" and table[0]["speedup (SCF)"] == f"{1200 / 65:.1f}×"
 
 
 @pytest.mark.parametrize("suffix", [".json", ".json.gz", ".pkl"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from ase.build import fcc111
@@ -10,6 +12,7 @@ from ase.calculators.emt import EMT
 from adsorbml.cli import main
 from adsorbml.inputs import prepare_slab
 from adsorbml.metrics import write_results, write_targets
+from conftest import markdown_table
 
 
 @pytest.mark.slow
@@ -38,7 +41,17 @@ def test_run_system_emt():
 def test_metrics_cli(tmp_path, capsys):
     write_targets(tmp_path / "t.json", {"s": [("a", -1.0)], "u": [("a", -2.0)]})
     write_results(tmp_path / "r.json", {"s": {"c": {"ml_energy": -1.2, "ml+dft_energy": -0.95}}, "u": {}})
-    assert main(["metrics", "--targets", str(tmp_path / "t.json"), "--results", str(tmp_path / "r.json"), "--k", "2"]) == 0
-    out = capsys.readouterr().out
-    assert "| 1 | 50.0 % |" in out  # s: −0.95 − (−1.0) = 0.05 ≤ 0.1; u: nothing valid
+    files = ["--targets", str(tmp_path / "t.json"), "--results", str(tmp_path / "r.json"), "--k", "2"]
+    assert main(["metrics", *files, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    # by hand, for k = 1 and 2 alike (one result): s: −0.95 − (−1.0) = 0.05 ≤ 0.1 succeeds, not
+    # "much better" (< −0.1); u has nothing valid. ML-only: s's DFT −0.95 is 0.25 eV from its ML
+    # energy −1.2 (> 0.1), so it does not count. No compute file: no speedups.
+    for k, row in zip((1, 2), rows, strict=True):
+        assert row == {"k": k, "success": 0.5, "much_better": 0.0, "speedup_scf": None, "speedup_ionic": None,
+                       "ml_only_success": 0.0, "n_systems": 2, "ml_seconds_per_relaxation": None}
+    assert main(["metrics", *files]) == 0
+    table = markdown_table(capsys.readouterr().out)
+    assert [(r["k"], r["success"], r["much better"], r["ML-only success"], r["systems"]) for r in table] == [
+        ("1", "50.0 %", "0.0 %", "0.0 %", "2"), ("2", "50.0 %", "0.0 %", "0.0 %", "2")]
     assert main(["metrics", "--targets", str(tmp_path / "nope.json"), "--results", str(tmp_path / "r.json")]) == 2

@@ -13,6 +13,7 @@ from adsorbml.cli import main
 from adsorbml.errors import InputError, UnknownAdsorbateError
 from adsorbml.store import RunStore
 from adsorbml.workflow import RunConfig, SlabSpec, load_config
+from conftest import markdown_table
 
 
 def test_slab_spec_parsing():
@@ -83,7 +84,18 @@ def test_tiny_ground_truth_run_outputs_export_and_metrics(tmp_path, capsys):
         assert results[sid][c]["ml+dft_energy"] == pytest.approx(a.get_potential_energy(), abs=1e-8)
         assert results[sid][c]["ionic_steps"] == 1
     assert (out / "plots" / f"{sid}.png").stat().st_size > 1000
-    assert (out / "metrics.md").read_text().startswith("| k |")
+    # metrics.md, checked against success@k / speedup worked out from the files above: the best
+    # ML+DFT energy among the k lowest-ML-energy valid placements vs the ground-truth minimum;
+    # speedup (ionic) = ground-truth force calls of all placements / k single points
+    table = markdown_table((out / "metrics.md").read_text())
+    assert [row["k"] for row in table] == ["1", "2"]
+    gt_min = min(e for _, e in targets[sid])
+    gt_calls = sum(v["ionic"] for c, v in compute[sid].items() if c != "surface")
+    for k, row in zip((1, 2), table):
+        best = min(e["ml+dft_energy"] for e in list(results[sid].values())[:k])
+        assert row["success"] == ("100.0 %" if best - gt_min <= 0.1 else "0.0 %"), (k, best, gt_min)
+        assert row["systems"] == "1"
+        assert row["speedup (ionic / force calls)"] == f"{gt_calls / k:,.1f}×"
 
     # export: top-2 VASP inputs + extxyz, best first
     assert main(["export", str(out), "--out", str(tmp_path / "exp")]) == 0
@@ -95,8 +107,13 @@ def test_tiny_ground_truth_run_outputs_export_and_metrics(tmp_path, capsys):
     # the written OC20-Dense files score with `adsorbml metrics`
     capsys.readouterr()
     assert main(["metrics", "--targets", str(out / "targets.json"), "--results", str(out / "results.json"),
-                 "--compute", str(out / "compute.json"), "--k", "2"]) == 0
-    assert "| 1 |" in capsys.readouterr().out
+                 "--compute", str(out / "compute.json"), "--k", "2", "--json"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert [row["k"] for row in scored] == [1, 2]
+    for row, md_row in zip(scored, table):
+        assert f"{100 * row['success']:.1f} %" == md_row["success"]
+        assert row["speedup_ionic"] == pytest.approx(gt_calls / row["k"])
+        assert row["n_systems"] == 1
 
     # resuming with other settings is refused, with the differing keys named
     cfg["seed"] = 2

@@ -7,7 +7,7 @@ import pytest
 from ase import Atoms
 from ase.build import fcc111
 
-from conftest import calculator
+from conftest import DATA, calculator
 from eqv2_calc.errors import InputError, UnsupportedElementError
 
 
@@ -72,4 +72,4 @@ def test_bad_dtype():
     from eqv2_calc import EquiformerV2Calculator
 
     with pytest.raises(InputError, match="float32"):
-        EquiformerV2Calculator("tests/data/eqv2_tiny_l4m2.pt", dtype="bfloat16")
+        EquiformerV2Calculator(DATA / "eqv2_tiny_l4m2.pt", dtype="bfloat16")

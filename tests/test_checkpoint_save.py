@@ -2,6 +2,10 @@
 
 * round trip: save → load_model reproduces a model bit-for-bit;
 * re-saving a fairchem-made file reproduces its key list, order, shapes, dtypes and values;
+* written files have the layout fairchem 1.10 requires to strict-load them (state_dict keys,
+  shapes and dtypes of fairchem's own module, model_attributes its constructor accepts, every
+  entry without which it fails to load), recorded in tests/data/fairchem_layout.json by
+  tests/reference/make_fairchem_layout.py in the reference venv; checked here without fairchem;
 * slow: the seeded random 31M checkpoint regenerates byte-identically and our calculator
   matches the fairchem 1.10 numbers stored in tests/data/reference_31M_seed0.json (made by
   tests/reference/make_reference.py inside the reference venv); same for the 153M weights
@@ -132,11 +136,87 @@ def test_resaving_fairchem_file_reproduces_its_state_dict(fixture):
 
 
 def test_fairchem_key_count_31m():
-    """4455 entries for the 31M OC20 architecture (reference notes §1.17)."""
+    """4455 entries for the 31M OC20 architecture (reference notes §1.17), exactly fairchem's."""
     from eqv2_calc.checkpoint.random_init import SIZES
 
     keys = fairchem_keys(SIZES["31M"])
     assert len(keys) == 4455 and len(set(keys)) == 4455
+    assert ["module.module." + k for k in keys] == [k for k, _, _ in LAYOUT["configs"]["31M"]["state_dict"]]
+
+
+# ------------------------------------------------------------------ (a') the layout fairchem requires
+LAYOUT = json.loads((DATA / "fairchem_layout.json").read_text())
+
+
+def _layout(state_dict) -> list:
+    return [[k, list(v.shape), str(v.dtype).replace("torch.", "")] for k, v in state_dict.items()]
+
+
+def _kind(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return "tensor"
+    return {bool: "bool", int: "int", float: "float", str: "str", list: "list", dict: "dict",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _check_state_dict_layout(state_dict, expected: list) -> None:
+    got = _layout(state_dict)
+    missing = sorted({k for k, _, _ in expected} - {k for k, _, _ in got})
+    unexpected = sorted({k for k, _, _ in got} - {k for k, _, _ in expected})
+    assert not missing and not unexpected, f"missing {missing[:5]}, unexpected {unexpected[:5]} (fairchem strict load)"
+    wrong = [(g, e) for g, e in zip(sorted(got), sorted(expected)) if g != e]
+    assert not wrong, f"shape/dtype differs from fairchem's module: {wrong[:5]}"
+    assert [k for k, _, _ in got] == [k for k, _, _ in expected], "not in fairchem's state_dict order"
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_written_checkpoint_has_the_layout_fairchem_requires(name, tmp_path, structures):
+    """The file save_fairchem_checkpoint writes, against what fairchem-core 1.10 needs to
+    strict-load it and what it then computes (recorded live in the reference venv by
+    tests/reference/make_fairchem_layout.py; see the module docstring)."""
+    entry = LAYOUT["configs"][name]
+    assert EquiformerV2Config(**entry["eqv2_config"]) == TINY[name]  # the data is for these configs
+    model = make_random_model(TINY[name], seed=entry["seed"])
+    path = save_fairchem_checkpoint(model, tmp_path / "x.pt")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    _check_state_dict_layout(ckpt["state_dict"], entry["state_dict"])
+    attrs = ckpt["config"]["model_attributes"]
+    unknown = set(attrs) - set(LAYOUT["constructor_parameters"])
+    assert not unknown, f"fairchem's EquiformerV2 does not take {sorted(unknown)}"
+    assert attrs == entry["model_attributes"]  # the attributes fairchem's module above was built from
+    for req in LAYOUT["required"]:  # entries without which fairchem fails or computes otherwise
+        node = ckpt
+        for key in req["path"]:
+            assert isinstance(node, dict) and key in node, f"{'.'.join(req['path'])} missing ({req['why']})"
+            node = node[key]
+        assert _kind(node) == req["type"], (req["path"], _kind(node))
+        if "value" in req:  # a value fairchem accepted for this configuration
+            assert node == entry["required_values"][".".join(req["path"])], (req["path"], node, req["why_value"])
+    for target in ("target", "grad_target"):  # scalar normalizers
+        assert {k: ckpt["normalizers"][target][k].shape for k in ("mean", "std")} == {
+            "mean": torch.Size([]), "std": torch.Size([])}
+    # the same file in fairchem's OCPCalculator gave these numbers
+    assert state_dict_sha256(path) == entry["state_dict_sha256"], "the seeded weights changed; regenerate the data"
+    calc = EquiformerV2Calculator(path, device="cpu")
+    for sname, expected in entry["fairchem_results"].items():
+        atoms = structures[sname].copy()
+        atoms.calc = calc
+        # fairchem draws a random roll of every edge frame per call: ~1e-6..1e-5 eV/Å of noise
+        assert abs(atoms.get_potential_energy() - expected["energy"]) < 1e-5, sname
+        np.testing.assert_allclose(atoms.get_forces(apply_constraint=False), expected["forces"],
+                                   rtol=0, atol=3e-5, err_msg=sname)
+
+
+@pytest.mark.slow
+def test_31m_state_dict_has_fairchem_layout():
+    """The published 31M architecture: keys, shapes, dtypes and order of fairchem's module."""
+    from eqv2_calc.checkpoint.random_init import SIZES
+
+    entry = LAYOUT["configs"]["31M"]
+    assert EquiformerV2Config(**entry["eqv2_config"]) == SIZES["31M"]
+    model = make_random_model("31M", seed=3)
+    _check_state_dict_layout(fairchem_state_dict(model), entry["state_dict"])
+    assert checkpoint_dict(model)["config"]["model_attributes"] == entry["model_attributes"]
 
 
 def test_ema_and_normalizer_overrides(tmp_path):

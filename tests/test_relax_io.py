@@ -13,6 +13,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import read, write
 from ase.optimize import LBFGS
 
+from conftest import reference
 from eqv2_calc.errors import InputError
 from eqv2_calc.graph.batch import atoms_to_batch
 from eqv2_calc.relax import adwt, distance_within_threshold, energy_mae, read_is2re, relax_batch
@@ -195,29 +196,58 @@ def test_cli_interrupt_keeps_results_and_resumes(tmp_path, monkeypatch, capsys):
     assert "other settings" in capsys.readouterr().err
 
 
-def test_cli_with_checkpoint(tmp_path):
+def test_cli_with_checkpoint(tmp_path, structures):
+    """`eqv2 relax --checkpoint` on the parity structures: its stored energies and forces are
+    fairchem 1.10's (initial frames, tests/data/*.reference.json) and the calculator's (final
+    frames), and the IS2RE table agrees with the structure files."""
+    from eqv2_calc import EquiformerV2Calculator
+
+    names = list(structures)
     inp = tmp_path / "in.extxyz"
-    write(inp, [adsorbate_slab("Cu", "111", "O", (2, 2, 3))], format="extxyz")
+    write(inp, list(structures.values()), format="extxyz")
     out = tmp_path / "out"
     from eqv2_calc.cli import main
 
-    rc = main(["relax", str(inp), "--checkpoint", str(DATA / "eqv2_tiny_l4m2.pt"), "--out", str(out),
+    ckpt = DATA / "eqv2_tiny_l4m2.pt"
+    rc = main(["relax", str(inp), "--checkpoint", str(ckpt), "--out", str(out),
                "--steps", "1", "--device", "cpu", "--no-progress"])
     assert rc == 0
-    [row] = read_is2re(out / "is2re.csv")
-    assert row["nsteps"] == 1 and np.isfinite(row["energy"])
+    rows = read_is2re(out / "is2re.csv")
+    assert [r["index"] for r in rows] == list(range(len(names)))
+    ref = reference("eqv2_tiny_l4m2")  # fairchem OCPCalculator, energies eV, raw forces eV/Å
+    calc = EquiformerV2Calculator(ckpt, device="cpu")
+    for row, sname in zip(rows, names):
+        assert row["nsteps"] == 1 and not row["failed"], sname
+        initial, final = read(out / "trajectories" / f"{row['name']}.traj", index=":")
+        # the initial frame is the input, evaluated: fairchem's numbers (parity tolerance)
+        np.testing.assert_array_equal(initial.positions, structures[sname].positions)
+        assert row["initial_energy"] == pytest.approx(ref[sname]["energy"], abs=1e-4), sname
+        assert initial.get_potential_energy() == pytest.approx(ref[sname]["energy"], abs=1e-4), sname
+        np.testing.assert_allclose(initial.get_forces(apply_constraint=False), ref[sname]["forces"],
+                                   rtol=0, atol=1e-4, err_msg=sname)
+        # the relaxed structure: one step was taken, fixed atoms stayed, and the stored energy
+        # and raw forces are the calculator's at the stored positions
+        stored = read(out / "structures" / f"{row['name']}.traj")
+        np.testing.assert_array_equal(stored.positions, final.positions)
+        moved = np.linalg.norm(stored.positions - initial.positions, axis=1)
+        fixed = sorted(_fixed_by_ase(structures[sname]))
+        assert moved.max() > 1e-4 and np.all(moved[fixed] == 0.0), sname
+        probe = stored.copy()
+        probe.calc = calc
+        assert stored.get_potential_energy() == pytest.approx(probe.get_potential_energy(), abs=1e-4), sname
+        assert row["energy"] == stored.get_potential_energy()
+        np.testing.assert_allclose(stored.get_forces(apply_constraint=False), probe.get_forces(apply_constraint=False),
+                                   rtol=0, atol=1e-4, err_msg=sname)
+
     # the potential the CLI built is the documented public one
     from eqv2_calc.potential import load_potential
 
-    pot = load_potential(DATA / "eqv2_tiny_l4m2.pt", device="cpu")
-    [res] = relax_batch(read(inp, index=":"), pot, steps=1, progress=False)
-    assert res.energy == pytest.approx(row["energy"], abs=1e-6)
+    pot = load_potential(ckpt, device="cpu")
+    direct = relax_batch(read(inp, index=":"), pot, steps=1, progress=False)
+    assert [r.energy for r in direct] == pytest.approx([r["energy"] for r in rows], abs=1e-6)
     # an EquiformerV2Calculator is used through its batched potential, with the same result
-    from eqv2_calc import EquiformerV2Calculator
-
-    calc = EquiformerV2Calculator(DATA / "eqv2_tiny_l4m2.pt", device="cpu")
-    [res_calc] = relax_batch(read(inp, index=":"), calc, steps=1, progress=False)
-    assert res_calc.energy == pytest.approx(res.energy, abs=1e-6)
+    via_calc = relax_batch(read(inp, index=":"), calc, steps=1, progress=False)
+    assert [r.energy for r in via_calc] == pytest.approx([r.energy for r in direct], abs=1e-6)
 
 
 def test_cli_rejects_missing_input(tmp_path, capsys):

@@ -19,7 +19,8 @@ from eqv2_calc.checkpoint import load_model
 from eqv2_calc.errors import InputError
 from eqv2_calc.model import EquiformerV2, EquiformerV2Config
 from eqv2_calc.train import GraphDataset, TrainConfig, energy_force_loss, read_frames, train
-from eqv2_calc.train.dataset import collate, fit_element_references, fixed_mask
+from eqv2_calc.relax.constraints import fixed_atoms
+from eqv2_calc.train.dataset import collate, fit_element_references, frame_from_atoms
 
 TINY = dict(
     num_layers=1, sphere_channels=8, attn_hidden_channels=8, num_heads=2, attn_alpha_channels=4,
@@ -74,15 +75,74 @@ def test_frames_read_energy_forces_and_fixed_atoms(data_file):
         assert fr.fixed.any() and not fr.fixed.all()
 
 
+def _labelled(symbols: str, energy: float):
+    """A frame with the given composition and energy (geometry irrelevant for the fit)."""
+    from ase import Atoms
+
+    atoms = Atoms(symbols, positions=np.arange(3 * len(Atoms(symbols))).reshape(-1, 3) * 1.7)
+    atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=np.zeros((len(atoms), 3)))
+    return frame_from_atoms(atoms)
+
+
+TRUE_REFS = {1: -3.4, 6: -7.1, 8: -4.9, 29: -3.7}  # eV, made up
+COMPOSITIONS = ["Cu4", "Cu3O", "Cu2OH2", "CuCO2", "CH4", "H2O", "Cu6CO"]  # full column rank
+
+
+def _truth_energy(symbols: str) -> float:
+    from ase import Atoms
+
+    return float(sum(TRUE_REFS[z] for z in Atoms(symbols).numbers))
+
+
+def test_element_references_recover_known_energies_exactly():
+    """Energies that are exactly sums of known per-element energies: the fit must return them."""
+    refs = fit_element_references([_labelled(c, _truth_energy(c)) for c in COMPOSITIONS])
+    for z, e in TRUE_REFS.items():
+        assert refs[z] == pytest.approx(e, abs=1e-10), z
+    assert np.all(refs[[z for z in range(90) if z not in TRUE_REFS]] == 0.0)
+
+
 def test_element_references_are_least_squares(data_file):
+    # with noise: equal to the normal equations solved directly (Cholesky-type solve, not lstsq)
+    noise = np.array([0.13, -0.21, 0.05, 0.17, -0.09, 0.02, -0.11])
+    frames = [_labelled(c, _truth_energy(c) + d) for c, d in zip(COMPOSITIONS, noise)]
+    zs = sorted(TRUE_REFS)
+    a = np.array([[np.sum(fr.atoms.numbers == z) for z in zs] for fr in frames], dtype=float)
+    b = np.array([fr.energy for fr in frames])
+    expected = np.linalg.solve(a.T @ a, a.T @ b)
+    refs = fit_element_references(frames)
+    np.testing.assert_allclose(refs[zs], expected, rtol=0, atol=1e-10)
+    assert np.abs(refs[zs] - [TRUE_REFS[z] for z in zs]).max() > 1e-3  # the noise does move the fit
+
+    # collinear compositions (Pt8O always with one O per 8 Pt): the minimum-norm solution, by hand
+    frames = [_labelled("Cu8", -30.0), _labelled("Cu8", -30.4), _labelled("Pt8O", -46.0), _labelled("Pt8O", -45.0)]
+    refs = fit_element_references(frames)
+    c = -45.5  # mean Pt8O energy: 8 x + y = c, minimal x² + y² -> (x, y) = c (8, 1) / 65
+    assert refs[29] == pytest.approx(-30.2 / 8, abs=1e-10)
+    assert refs[78] == pytest.approx(8 * c / 65, abs=1e-10) and refs[8] == pytest.approx(c / 65, abs=1e-10)
+
+    # the EMT data: normal equations of min ||A x - b||, A^T (A x - b) = 0
     frames = read_frames(data_file)
     refs = fit_element_references(frames)
     elements = sorted({z for fr in frames for z in fr.atoms.numbers})
     a = np.array([[np.sum(fr.atoms.numbers == z) for z in elements] for fr in frames], dtype=float)
     b = np.array([fr.energy for fr in frames])
-    # normal equations of min ||A x - b||: A^T (A x - b) = 0
     np.testing.assert_allclose(a.T @ (a @ refs[elements] - b), 0.0, atol=1e-8)
     assert np.all(refs[[z for z in range(90) if z not in elements]] == 0.0)
+
+
+def _emt_min_norm_refs(frames) -> np.ndarray:
+    """Minimum-norm least-squares element references of :func:`_emt_frames`, by hand: Cu8 frames
+    fix Cu = mean(E)/8; Pt8O frames only fix 8 Pt + O = c = mean(E), whose minimum-norm split is
+    (Pt, O) = c (8, 1) / 65."""
+    cu = [fr.energy for fr in frames if sorted(fr.atoms.get_chemical_symbols()) == ["Cu"] * 8]
+    pto = [fr.energy for fr in frames if sorted(fr.atoms.get_chemical_symbols()) == ["O"] + ["Pt"] * 8]
+    assert len(cu) + len(pto) == len(frames) and cu and pto
+    refs = np.zeros(90)
+    refs[29] = np.mean(cu) / 8
+    c = np.mean(pto)
+    refs[78], refs[8] = 8 * c / 65, c / 65
+    return refs
 
 
 def test_force_loss_excludes_fixed_atoms():
@@ -128,8 +188,8 @@ def test_loss_falls_and_checkpoint_round_trips(data_file, tmp_path):
     torch.testing.assert_close(e1, e0, rtol=0, atol=1e-6)
     torch.testing.assert_close(f1, f0, rtol=0, atol=1e-6)
     assert meta.energy_convention.startswith("total energy")
-    # element references survive: equal to an independent least-squares fit on the data
-    np.testing.assert_allclose(loaded.element_refs.numpy(), fit_element_references(frames), rtol=1e-5, atol=1e-5)
+    # element references survive: equal to the least-squares fit on the data, derived by hand
+    np.testing.assert_allclose(loaded.element_refs.numpy(), _emt_min_norm_refs(frames), rtol=1e-5, atol=1e-5)
     # final.pt holds the EMA weights as state_dict == checkpoint.pt's EMA shadow
     final, _ = load_model(result.final)
     ema, _ = load_model(result.checkpoint, use_ema=True)

@@ -30,13 +30,13 @@ from __future__ import annotations
 import copy
 import math
 import os
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
+from eqv2_calc.io import atomic_write
 from eqv2_calc.model import NUM_DISTANCE_GAUSSIANS, EquiformerV2, EquiformerV2Config
 from eqv2_calc.so3.grid import node_grid
 from eqv2_calc.so3.layout import degrees, reduced_to_mprimary
@@ -483,24 +483,17 @@ def save_fairchem_checkpoint(
     in fairchem parameter order (fairchem's OCPCalculator ignores it; ``load_model(use_ema=True)``
     uses it). A non-zero ``model.element_refs`` is stored as fairchem 1.x ``elementrefs``.
 
-    The file is written atomically (temporary file + rename). Returns the path.
+    The file is written with :func:`eqv2_calc.io.atomic_write` (temporary file + rename; the
+    bytes do not depend on the file name). Returns the path.
     """
     path = Path(path)
     ckpt = checkpoint_dict(model, normalizers=normalizers, extra_config=extra_config, ema_state_dict=ema_state_dict)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
+
+    def _write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:  # through a file object: the bytes do not depend on the name
             torch.save(ckpt, fh)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+
+    return atomic_write(path, _write)
 
 
 __all__ = [

@@ -2,7 +2,9 @@
 
 Output directory layout (all files readable with ``ase.io`` or as plain CSV/JSON)::
 
-    OUT/run.json               settings of the run (a rerun with other settings is refused)
+    OUT/run.json               settings that determine the results (SETTINGS_KEYS) and their
+                               sha256; a rerun with other ones is refused, one with other
+                               execution settings (device, --max-atoms, ...) resumes
     OUT/structures/<name>.traj final structure of each finished input frame (ASE .traj, exact
                                float64), written atomically the moment it finishes (energy, raw
                                forces, constraints, relax_* info keys)
@@ -20,33 +22,39 @@ its stored input fingerprint matches the current input frame).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from ase import Atoms
-
+from eqv2_calc.calcspec import BUILTIN_CALCULATORS, CalculatorSpec, parse_calculator_spec
 from eqv2_calc.errors import InputError, RelaxationError
-from eqv2_calc.relax.constraints import free_mask
-from eqv2_calc.relax.io import atomic_write, result_atoms_for_output, write_is2re, write_is2rs
+from eqv2_calc.io import atomic_write, atomic_write_text
+from eqv2_calc.relax.io import result_atoms_for_output, write_is2re, write_is2rs
 from eqv2_calc.relax.lbfgs import CURVATURE_GUARDS, LBFGSParams
 from eqv2_calc.relax.runner import DEFAULT_MAX_FORCE, RelaxResult, RelaxStats, relax_batch
-
-ASE_CALCULATORS: dict[str, str] = {
-    "emt": "ase.calculators.emt:EMT",
-    "lj": "ase.calculators.lj:LennardJones",
-    "morse": "ase.calculators.morse:MorsePotential",
-}
-"""Built-in ASE calculators selectable with ``--calculator`` (no external programs needed)."""
+from eqv2_calc.resume import check_or_record, structure_fingerprint
 
 SETTINGS_KEYS: tuple[str, ...] = (
-    "potential", "fmax", "steps", "maxstep", "memory", "damping", "alpha", "curvature_guard",
+    "potential", "dtype", "fmax", "steps", "maxstep", "memory", "damping", "alpha", "curvature_guard",
     "fix_tag0", "max_force",
 )
+"""The settings that determine the results, recorded in ``run.json`` (allow-list, see
+:mod:`eqv2_calc.resume`); ``potential`` stands for ``--checkpoint``/``--calculator``, ``dtype``
+is the model dtype of a checkpoint (None for an ASE calculator)."""
+
+POTENTIAL_ARGS: tuple[str, ...] = ("checkpoint", "calculator")
+"""The options recorded together as the ``potential`` setting."""
+
+EXECUTION_ARGS: tuple[str, ...] = (
+    "input", "index", "out", "max_atoms", "max_edges", "save_every", "device", "reference", "no_progress",
+    "trust_checkpoint",
+)
+"""Options that do not change the result of a structure (free to change on resume); the input
+frames themselves are matched one by one by :func:`~eqv2_calc.resume.structure_fingerprint`."""
+
+_LEGACY_SETTINGS = {"dtype": None}  # run.json files written before dtype was recorded
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -60,8 +68,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("input", help="any ase.io-readable file; every frame is relaxed")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="EquiformerV2 checkpoint (file or official name) to use as the potential")
-    src.add_argument("--calculator", choices=sorted(ASE_CALCULATORS),
-                     help="use a built-in ASE calculator instead of a checkpoint (e.g. emt)")
+    src.add_argument("--calculator", metavar="SPEC",
+                     help="use an ASE calculator instead of a checkpoint: "
+                          f"{' | '.join(sorted(BUILTIN_CALCULATORS))} | module:Class, optionally with "
+                          'JSON keyword arguments, e.g. \'lj{"sigma": 2.3}\'')
     p.add_argument("--out", required=True, help="output directory (created; reruns resume)")
     p.add_argument("--fmax", type=float, default=0.05, help="force threshold, eV/Å (default 0.05)")
     p.add_argument("--steps", type=int, default=300, help="max L-BFGS steps per structure (default 300)")
@@ -92,51 +102,46 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
+def _calculator_spec(args: argparse.Namespace) -> CalculatorSpec:
+    """The parsed ``--calculator`` (ASE calculators only; checkpoints go through --checkpoint)."""
+    return parse_calculator_spec(args.calculator, allow=("ase",), what="--calculator",
+                                 hint=" (for an EquiformerV2 checkpoint use --checkpoint)")
+
+
 def _make_potential(args: argparse.Namespace) -> Any:
     if args.calculator:
-        module, cls = ASE_CALCULATORS[args.calculator].split(":")
-        import importlib
-
-        return getattr(importlib.import_module(module), cls)()
+        return _calculator_spec(args).build()
     from eqv2_calc.potential import load_potential
 
     return load_potential(args.checkpoint, device=args.device or "auto", dtype=args.dtype,
                           trust_checkpoint=args.trust_checkpoint)
 
 
-def fingerprint(atoms: Atoms, fix_tag0: bool = False) -> str:
-    """sha256 of what determines a relaxation: numbers, positions, cell, pbc, fixed mask."""
-    h = hashlib.sha256()
-    for arr in (atoms.numbers.astype(np.int64), atoms.get_positions().astype(np.float64),
-                np.asarray(atoms.get_cell(), dtype=np.float64), atoms.get_pbc().astype(bool),
-                free_mask(atoms, fix_tag0=fix_tag0)):
-        h.update(np.ascontiguousarray(arr).tobytes())
-    return h.hexdigest()
+fingerprint = structure_fingerprint  # the per-structure input fingerprint (name kept)
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    pot = f"calculator:{args.calculator}" if args.calculator else f"checkpoint:{Path(args.checkpoint).resolve()}"
-    return {
-        "potential": pot, "fmax": args.fmax, "steps": args.steps, "maxstep": args.maxstep,
+    """The :data:`SETTINGS_KEYS` of this invocation."""
+    if args.calculator:
+        pot, dtype = f"calculator:{_calculator_spec(args).canonical}", None
+    else:
+        pot, dtype = f"checkpoint:{Path(args.checkpoint).resolve()}", args.dtype
+    values = {
+        "potential": pot, "dtype": dtype, "fmax": args.fmax, "steps": args.steps, "maxstep": args.maxstep,
         "memory": args.memory, "damping": args.damping, "alpha": args.alpha,
         "curvature_guard": args.curvature_guard, "fix_tag0": bool(args.fix_tag0),
         "max_force": args.max_force,
     }
+    return {k: values[k] for k in SETTINGS_KEYS}
 
 
 def _check_run_file(out: Path, settings: dict[str, Any], input_path: str) -> None:
-    run_file = out / "run.json"
-    if run_file.exists():
-        old = json.loads(run_file.read_text())
-        diff = {k: (old.get("settings", {}).get(k), settings[k]) for k in SETTINGS_KEYS
-                if old.get("settings", {}).get(k) != settings[k]}
-        if diff:
-            raise RelaxationError(
-                f"{out} holds results of a run with other settings {diff} (old, new); "
-                "use another --out directory or delete it"
-            )
-    atomic_write(run_file, lambda tmp: Path(tmp).write_text(
-        json.dumps({"input": str(input_path), "settings": settings}, indent=1)))
+    legacy = dict(_LEGACY_SETTINGS)
+    if str(settings["potential"]).startswith("checkpoint:"):
+        legacy["dtype"] = "float32"  # the only default before dtype was recorded
+    check_or_record(out / "run.json", settings, extra={"input": str(input_path)}, where=str(out),
+                    hint="use another --out directory, or delete it to start over", assume=legacy,
+                    error=RelaxationError)
 
 
 def result_from_file(path: Path, index: int) -> RelaxResult:
@@ -170,6 +175,8 @@ def run_relax(args: argparse.Namespace) -> int:
         f.calc = None
     width = max(6, len(str(len(frames) - 1)))
     names = [f"{i:0{width}d}" for i in range(len(frames))]
+    if args.calculator:
+        _calculator_spec(args).load_class()  # unknown names / bad module paths fail before run.json
     settings = _settings(args)
     LBFGSParams(maxstep=args.maxstep, memory=args.memory, damping=args.damping,
                 alpha=args.alpha, curvature_guard=args.curvature_guard)  # validate early
@@ -239,7 +246,7 @@ def run_relax(args: argparse.Namespace) -> int:
     }
     if args.reference:
         summary["metrics"] = _metrics(results, args.reference, args.fix_tag0)
-    atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
     return 0
 

@@ -6,8 +6,8 @@
 * IS2RS: relaxed structures as multi-frame extxyz (:func:`write_is2rs`);
 * IS2RE: relaxed energies as CSV or JSON (:func:`write_is2re`).
 
-Every file is written to a temporary name in the same directory and then renamed, so an
-interrupted run never leaves a half-written file behind.
+Every file is written with :func:`eqv2_calc.io.atomic_write` (a temporary name in the same
+directory, then renamed), so an interrupted run never leaves a half-written file behind.
 """
 
 from __future__ import annotations
@@ -16,15 +16,14 @@ import csv
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 from ase import Atoms
-from ase.calculators.singlepoint import SinglePointCalculator
 
 from eqv2_calc.errors import InputError
+from eqv2_calc.io import atomic_write, frame_with_results
 
 if TYPE_CHECKING:
     from eqv2_calc.relax.runner import RelaxResult
@@ -37,30 +36,9 @@ IS2RE_FIELDS: tuple[str, ...] = (
 
 def make_frame(template: Atoms, positions: np.ndarray, energy: float, forces: np.ndarray) -> Atoms:
     """Copy ``template`` (constraints, tags, cell, info kept) with new ``positions`` (Å) and a
-    SinglePointCalculator holding ``energy`` (eV) and raw ``forces`` (eV/Å)."""
-    atoms = template.copy()
-    atoms.calc = None
-    atoms.set_positions(np.array(positions, dtype=np.float64), apply_constraint=False)
-    atoms.calc = SinglePointCalculator(
-        atoms, energy=float(energy), forces=np.array(forces, dtype=np.float64)
-    )
-    return atoms
-
-
-def atomic_write(path: str | os.PathLike, write: Any, *, suffix: str = "") -> None:
-    """Call ``write(tmp_path)`` and atomically rename ``tmp_path`` to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=(suffix or path.suffix) + ".tmp",
-                               dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    SinglePointCalculator holding ``energy`` (eV) and raw ``forces`` (eV/Å); see
+    :func:`eqv2_calc.io.frame_with_results`."""
+    return frame_with_results(template, energy, forces, positions=positions)
 
 
 def write_trajectory(path: str | os.PathLike, frames: Sequence[Atoms]) -> None:
@@ -76,24 +54,22 @@ def write_trajectory(path: str | os.PathLike, frames: Sequence[Atoms]) -> None:
 
 
 def result_atoms_for_output(result: "RelaxResult") -> Atoms:
-    """The relaxed structure with scalar result fields in ``atoms.info`` (for extxyz)."""
-    atoms = result.atoms.copy()
-    atoms.calc = SinglePointCalculator(
-        atoms, energy=result.atoms.calc.results["energy"], forces=result.atoms.calc.results["forces"]
+    """The relaxed structure with scalar result fields in ``atoms.info`` (for extxyz; info
+    values extxyz cannot store, such as dicts, are dropped)."""
+    results = result.atoms.calc.results
+    return frame_with_results(
+        result.atoms, results["energy"], results["forces"], scalar_info_only=True,
+        info=dict(
+            relax_index=result.index,
+            relax_name=result.name,
+            relax_fmax=float(result.fmax),
+            relax_nsteps=int(result.nsteps),
+            relax_converged=bool(result.converged),
+            relax_failed=bool(result.failed),
+            relax_reason=result.reason,
+            relax_initial_energy=float(result.initial_energy),
+        ),
     )
-    # drop info values extxyz cannot store (dicts, arrays of objects)
-    atoms.info = {k: v for k, v in atoms.info.items() if isinstance(v, (str, int, float, bool, np.number))}
-    atoms.info.update(
-        relax_index=result.index,
-        relax_name=result.name,
-        relax_fmax=float(result.fmax),
-        relax_nsteps=int(result.nsteps),
-        relax_converged=bool(result.converged),
-        relax_failed=bool(result.failed),
-        relax_reason=result.reason,
-        relax_initial_energy=float(result.initial_energy),
-    )
-    return atoms
 
 
 def write_is2rs(path: str | os.PathLike, results: Iterable["RelaxResult"]) -> None:

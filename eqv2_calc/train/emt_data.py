@@ -56,12 +56,12 @@ import numpy as np
 from ase import Atoms
 from ase.build import fcc100, fcc110, fcc111, fcc211
 from ase.calculators.emt import EMT
-from ase.calculators.singlepoint import SinglePointCalculator
 from ase.constraints import FixAtoms
 from ase.io import write
 from ase.optimize import BFGS
 
 from eqv2_calc.errors import InputError
+from eqv2_calc.io import atomic_write, atomic_write_text, frame_with_results
 from eqv2_calc.relax.constraints import fixed_atoms
 
 METALS: tuple[str, ...] = ("Al", "Cu", "Ag", "Au", "Ni", "Pd", "Pt")
@@ -141,10 +141,7 @@ def place_adsorbate(slab: Atoms, name: str, rng: np.random.Generator) -> Atoms:
 
 
 def _with_results(atoms: Atoms, energy: float, forces: np.ndarray, **info) -> Atoms:
-    frame = atoms.copy()
-    frame.calc = SinglePointCalculator(frame, energy=float(energy), forces=np.array(forces, dtype=float))
-    frame.info.update(info)
-    return frame
+    return frame_with_results(atoms, energy, forces, info=info)
 
 
 def _emt_frame(atoms: Atoms, **info) -> Atoms:
@@ -338,8 +335,8 @@ def generate_emt_dataset(
         frames[part].extend(data.frames)
         benchmark_starts.append(data.start)
     for part, fr in frames.items():
-        write(out / f"{part}.extxyz", fr, format="extxyz")
-    write(out / "starts.extxyz", benchmark_starts, format="extxyz")
+        atomic_write(out / f"{part}.extxyz", lambda tmp, fr=fr: write(tmp, fr, format="extxyz"))
+    atomic_write(out / "starts.extxyz", lambda tmp: write(tmp, benchmark_starts, format="extxyz"))
     manifest = {
         **generation_options(seed, traj_frames, rattles, starts, compressed),
         "frames": {k: len(v) for k, v in frames.items()},
@@ -347,7 +344,7 @@ def generate_emt_dataset(
         "systems": {k: ["-".join(s) for s in v] for k, v in split.items()},
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1))
     return manifest
 
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +43,9 @@ import numpy as np
 import torch
 
 from eqv2_calc.errors import InputError
+from eqv2_calc.io import atomic_write, atomic_write_text
 from eqv2_calc.model import EquiformerV2, EquiformerV2Config
+from eqv2_calc.resume import check_settings, select_settings, settings_sha256
 from eqv2_calc.train.dataset import GraphDataset, epoch_order, collate, fit_element_references, read_frames
 from eqv2_calc.train.loss import MetricSums, energy_force_loss
 
@@ -253,9 +254,11 @@ def _save(model, ema, path: Path, cfg: TrainConfig, step: int, ema_as_state_dict
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    def _write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+
+    atomic_write(path, _write)
 
 
 @dataclass
@@ -279,7 +282,8 @@ def train(
     """Train (or fine-tune) an EquiformerV2 on energies and forces; see module docstring.
 
     With ``resume`` and an existing ``out_dir/resume.pt`` the run continues from there
-    (the stored config must match except for ``epochs``/``max_steps``/evaluation options).
+    (the stored config must match in :data:`RESUME_KEYS`; length, evaluation, logging and
+    thread options may change, see :data:`RESUME_FREE`).
     Returns a :class:`TrainResult`; the final EMA weights are in ``out_dir/final.pt``.
 
     ``stop_after`` (optimizer steps) / ``time_limit`` (seconds): stop early as if killed
@@ -336,7 +340,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, stop_after: int | Non
         if ema is not None and state.get("ema") is not None:
             ema.load_state_dict(state["ema"])
         step = int(state["step"])
-    (out / "train_config.json").write_text(json.dumps(
+    atomic_write_text(out / "train_config.json", json.dumps(
         {**cfg.to_dict(), "resolved_model": mc.to_dict(), "steps": total,
          "energy_std": float(model.energy_std), "force_std": float(model.force_std)}, indent=1))
     log = open(out / "log.jsonl", "a")
@@ -345,8 +349,10 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, stop_after: int | Non
 
     def checkpoint() -> None:
         _save(model, ema, out / CHECKPOINT_FILE, cfg, step, ema_as_state_dict=False)
+        settings = resume_settings(cfg)
         _atomic_torch_save({
-            "train_config": cfg.to_dict(), "step": step, "model": model.state_dict(),
+            "train_config": cfg.to_dict(), "settings": settings, "settings_sha256": settings_sha256(settings),
+            "step": step, "model": model.state_dict(),
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "ema": ema.state_dict() if ema is not None else None,
         }, resume_path)
@@ -424,18 +430,34 @@ def _eval_ema(model, ema, ds, batch_size) -> dict[str, float]:
             EMA.restore(model, saved)
 
 
-_RESUME_FREE = {"epochs", "max_steps", "eval_every", "log_every", "checkpoint_every", "eval_batch_size",
-                "threads", "val", "out_dir"}
+RESUME_KEYS: tuple[str, ...] = (
+    "train", "model", "init_checkpoint", "refit_normalizers", "seed", "batch_size", "lr", "min_lr_ratio",
+    "warmup_steps", "warmup_factor", "weight_decay", "clip_grad_norm", "ema_decay", "energy_coef", "force_coef",
+)
+"""TrainConfig fields that determine the trained weights step by step (allow-list, see
+:mod:`eqv2_calc.resume`); a resumed run must use the same values."""
+
+RESUME_FREE: tuple[str, ...] = (
+    "epochs", "max_steps",  # length of the run: a resumed run may be extended or shortened
+    "val", "eval_every", "eval_batch_size", "log_every", "checkpoint_every", "threads", "out_dir",  # execution
+)
+"""TrainConfig fields a resumed run may change. The learning-rate schedule follows the new
+length (``epochs``/``max_steps``) from the resumed step on."""
+
+
+def resume_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The :data:`RESUME_KEYS` of ``cfg`` (recorded in ``resume.pt``)."""
+    return select_settings(cfg.to_dict(), RESUME_KEYS)
 
 
 def _check_resume(stored: dict, cfg: TrainConfig) -> None:
-    now = cfg.to_dict()
-    diff = sorted(k for k in now if k not in _RESUME_FREE and stored.get(k) != now[k])
-    if diff:
-        raise InputError(
-            f"cannot resume: the run in {cfg.out_dir} used different settings for {diff}; "
-            "use another out_dir or the same settings (or resume=False to start over)"
-        )
+    """``stored``: the ``train_config`` of ``resume.pt`` (all fields; files of every version)."""
+    check_settings(
+        {k: stored[k] for k in RESUME_KEYS if k in stored}, resume_settings(cfg),
+        where=f"the training run in {cfg.out_dir}",
+        hint="use another out_dir (--out), or start over (resume=False, --no-resume)",
+        error=InputError,
+    )
 
 
 __all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "EMA", "lr_factor", "set_normalizers", "build_model"]
