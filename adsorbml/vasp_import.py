@@ -29,9 +29,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 from ase import Atoms
-from ase.calculators.singlepoint import SinglePointCalculator
 
 from adsorbml.errors import AdsorbMLError, InputError
+from eqv2_calc.io import frame_with_results
 
 __all__ = [
     "DFTResult",
@@ -195,7 +195,7 @@ def _finish(
         raise UnfinishedOutputError(source, "the last ionic step has no electronic (SCF) step")
     if nelm is None:
         nelm = _nelm_from_incar(source.parent)
-    atoms.calc = SinglePointCalculator(atoms, energy=energy, free_energy=fc_energy, forces=forces)
+    atoms = frame_with_results(atoms, energy, forces, free_energy=fc_energy)
     last = int(scf_per_ionic[-1])
     return DFTResult(
         energy=float(energy), force_consistent_energy=float(fc_energy), forces=forces,

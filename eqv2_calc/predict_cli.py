@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from eqv2_calc.batching import DEFAULT_MAX_ATOMS
 
 TRUST_HELP = ("load the checkpoint even if its pickle holds objects beyond tensors, containers, numbers and "
               "strings (full unpickling can run code from the file: only for files you trust)")
@@ -22,7 +23,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     pred.add_argument("--out", required=True, help="output file (extxyz with energy and forces per frame)")
     pred.add_argument("--device", default="auto")
     pred.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    pred.add_argument("--max-atoms", type=int, default=2000, help="atoms per model call")
+    pred.add_argument("--max-atoms", type=int, default=DEFAULT_MAX_ATOMS,
+                      help=f"atoms per model call (default {DEFAULT_MAX_ATOMS})")
     pred.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     pred.set_defaults(func=run_predict)
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 
-from adsorbml.workflow import RunConfig, SlabSpec, run_workflow, shipped_model_available
+from adsorbml.workflow import RunConfig, SlabSpec, run_workflow
 
 p = argparse.ArgumentParser()
 p.add_argument("out", nargs="?", default="adsorbml-example")
 p.add_argument("--ml", default=None, help="ML model (default: shipped model if present, else EMT)")
 args = p.parse_args()
-ml = args.ml or ("shipped" if shipped_model_available() else "emt")
+ml = args.ml or "shipped"  # a missing shipped model is an error that says so, never a silent EMT run
 
 cfg = RunConfig(
     slabs=[SlabSpec(bulk="Cu", miller=(1, 1, 1))],  # pymatgen slab, OC20 settings

@@ -173,7 +173,7 @@ def test_loss_falls_and_checkpoint_round_trips(data_file, tmp_path):
     assert np.isfinite(result.losses).all()
 
     frames = read_frames(data_file)
-    state = torch.load(tmp_path / "run" / "resume.pt", weights_only=False)
+    state = torch.load(tmp_path / "run" / "resume.pt", weights_only=True)
     loaded, meta = load_model(result.checkpoint)
     # the in-memory model at the end of training (raw weights + buffers), rebuilt independently
     mcfg = loaded.cfg
@@ -209,8 +209,8 @@ def test_resume_continues_from_saved_step(data_file, tmp_path):
     second = train(cfg_b, resume=True, progress=False)
     assert second.step == 9 and len(second.losses) == 5  # continued at step 5
     np.testing.assert_allclose(first.losses + second.losses, full.losses, rtol=1e-5)
-    sa = torch.load(tmp_path / "a" / "resume.pt", weights_only=False)
-    sb = torch.load(tmp_path / "b" / "resume.pt", weights_only=False)
+    sa = torch.load(tmp_path / "a" / "resume.pt", weights_only=True)
+    sb = torch.load(tmp_path / "b" / "resume.pt", weights_only=True)
     for k, v in sa["model"].items():
         torch.testing.assert_close(sb["model"][k], v, rtol=1e-5, atol=1e-6)
     # another configuration in the same directory is refused

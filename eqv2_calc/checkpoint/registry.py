@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -111,18 +110,17 @@ def _verify(name: str, path: Path, what: str) -> None:
 
 
 def _download(url: str, dest: Path, timeout: float = 60.0, name: str | None = None) -> None:
-    """Download ``url`` to ``dest`` via a temporary file; with ``name``, check its sha256 first."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+    """Download ``url`` to ``dest`` atomically (a partial download never becomes ``dest``);
+    with ``name``, check its sha256 before it is kept."""
+    from eqv2_calc.io import atomic_write
+
+    def fetch(tmp: str) -> None:
+        with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
             shutil.copyfileobj(resp, out)
         if name is not None:
             _verify(name, Path(tmp), f"the file downloaded from {url} (not kept)")
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(dest, fetch, suffix=".part")
 
 
 def resolve_checkpoint(path_or_name: str | os.PathLike) -> Path:

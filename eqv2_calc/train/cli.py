@@ -26,7 +26,7 @@ _FLAG_FIELDS = {  # CLI flag dest -> TrainConfig field
     "batch_size": "batch_size", "lr": "lr", "seed": "seed", "init_checkpoint": "init_checkpoint",
     "threads": "threads", "energy_coef": "energy_coef", "force_coef": "force_coef",
     "ema_decay": "ema_decay", "warmup_steps": "warmup_steps", "clip_grad_norm": "clip_grad_norm",
-    "checkpoint_every": "checkpoint_every",
+    "checkpoint_every": "checkpoint_every", "trust_checkpoint": "trust_checkpoint",
 }
 
 
@@ -47,6 +47,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--val", nargs="+", help="validation data files")
     p.add_argument("--out", help="output directory (checkpoints, logs)")
     p.add_argument("--init-checkpoint", help="fine-tune from this checkpoint")
+    p.add_argument("--trust-checkpoint", action="store_true", default=None,
+                   help="load --init-checkpoint even if its pickle holds objects beyond tensors, containers, "
+                        "numbers and strings (full unpickling can run code from the file: only for files you trust)")
     for flag, typ in (("epochs", int), ("max-steps", int), ("batch-size", int), ("lr", float), ("seed", int),
                       ("threads", int), ("energy-coef", float), ("force-coef", float), ("ema-decay", float),
                       ("warmup-steps", int), ("clip-grad-norm", float), ("checkpoint-every", int)):

@@ -65,7 +65,9 @@ class TrainConfig:
     ``clip_grad_norm``: max global gradient norm. ``ema_decay``: EMA of the weights (0 = off).
     ``checkpoint_every``/``eval_every``/``log_every`` in optimizer steps (0 = only at the end).
     ``init_checkpoint``: fine-tune from a checkpoint (its architecture and normalisation are
-    kept unless ``refit_normalizers``). ``threads``: torch intra-op threads (0 = leave).
+    kept unless ``refit_normalizers``; ``trust_checkpoint`` allows a file beyond the safe
+    unpickling allow-list, see :func:`~eqv2_calc.checkpoint.load_model`). ``threads``: torch
+    intra-op threads (0 = leave).
     """
 
     train: list[str] = field(default_factory=list)
@@ -73,6 +75,7 @@ class TrainConfig:
     out_dir: str = "runs/train"
     model: dict[str, Any] = field(default_factory=dict)
     init_checkpoint: str | None = None
+    trust_checkpoint: bool = False
     refit_normalizers: bool = False
     seed: int = 0
     epochs: int = 10
@@ -170,7 +173,7 @@ def build_model(cfg: TrainConfig, train_ds_frames, progress: bool) -> tuple[Equi
     if cfg.init_checkpoint:
         from eqv2_calc.checkpoint import load_model
 
-        model, _ = load_model(cfg.init_checkpoint)
+        model, _ = load_model(cfg.init_checkpoint, trust_checkpoint=cfg.trust_checkpoint)
         mcfg = model.cfg
     else:
         mcfg = EquiformerV2Config(**cfg.model)
@@ -440,6 +443,7 @@ RESUME_KEYS: tuple[str, ...] = (
 RESUME_FREE: tuple[str, ...] = (
     "epochs", "max_steps",  # length of the run: a resumed run may be extended or shortened
     "val", "eval_every", "eval_batch_size", "log_every", "checkpoint_every", "threads", "out_dir",  # execution
+    "trust_checkpoint",  # whether the init file may be fully unpickled: no effect on the weights
 )
 """TrainConfig fields a resumed run may change. The learning-rate schedule follows the new
 length (``epochs``/``max_steps``) from the resumed step on."""
