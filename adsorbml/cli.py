@@ -5,6 +5,7 @@ Commands::
     adsorbml run --out DIR [--config run.json] [--slab FILE]... [--surface BULK:HKL]...
                  [--adsorbate NAME]... [--placements N] [--seed S] [--k K] ...
     adsorbml export DIR [--out EXPORT_DIR] [--k K]
+    adsorbml import DIR EXPORT_DIR [--allow-missing]
     adsorbml metrics --targets T --results R [--compute C]
     adsorbml demo [--out DIR]
 
@@ -43,7 +44,8 @@ _RUN_FLAGS = {
     # argparse dest → RunConfig field
     "placements": "num_random", "seed": "seed", "fmax": "fmax", "steps": "steps", "k": "k",
     "ml_calculator": "ml_calculator", "dft_calculator": "dft_calculator", "gt_fmax": "gt_fmax",
-    "gt_steps": "gt_steps", "max_atoms": "max_atoms",
+    "gt_steps": "gt_steps", "max_atoms": "max_atoms", "references": "references",
+    "ml_energy_convention": "ml_energy_convention",
 }
 
 
@@ -68,17 +70,39 @@ def _run_config(args: argparse.Namespace):
     return RunConfig.from_dict(d)
 
 
+def _print_files(files: dict, out_dir: Path) -> None:
+    for name, path in files.items():
+        if not name.startswith("plot:"):
+            print(f"  {name}: {path}")
+    n_plots = sum(n.startswith("plot:") for n in files)
+    if n_plots:
+        print(f"  plots: {n_plots} PNG files in {Path(out_dir) / 'plots'}")
+
+
+def _print_answers(answers, table: str | None) -> None:
+    from adsorbml.summary import format_answers
+
+    if table:
+        print("\nmetrics (adsorption energies):\n" + table)
+    if answers:
+        print("\nlowest adsorption energy per system:\n" + format_answers(answers))
+
+
 def _print_summary(s, table: str | None) -> None:
     print(f"\n{len(s.systems)} systems, {s.n_placements} placements; this run: {s.ml_relaxed_now} ML relaxations "
           f"({s.ml_skipped} already done), {s.dft_now} DFT single points, {s.gt_relaxed_now} ground-truth relaxations")
-    for name, path in s.files.items():
-        if not name.startswith("plot:"):
-            print(f"  {name}: {path}")
-    n_plots = sum(n.startswith("plot:") for n in s.files)
-    if n_plots:
-        print(f"  plots: {n_plots} PNG files in {s.out_dir / 'plots'}")
-    if table:
-        print("\n" + table)
+    _print_files(s.files, s.out_dir)
+    _print_answers(s.answers, table)
+    if s.dft_errors:
+        print(f"\n{len(s.dft_errors)} DFT single point(s) failed:", file=sys.stderr)
+        for name, msg in s.dft_errors.items():
+            print(f"  {name}: {msg}", file=sys.stderr)
+        if s.dft_stopped:
+            print("  DFT work stopped at the first error (--continue-on-dft-error to go on)", file=sys.stderr)
+
+
+def _dft_exit(s, continue_on_error: bool) -> int:
+    return 0 if (not s.dft_errors or continue_on_error) else 1
 
 
 def _trusted_ml_calculator(args: argparse.Namespace, spec: str):
@@ -96,8 +120,30 @@ def _run(args: argparse.Namespace) -> int:
 
     cfg = _run_config(args)
     s = run_workflow(cfg, args.out, ml_calculator=_trusted_ml_calculator(args, cfg.ml_calculator),
-                     plots=not args.no_plots, progress=not args.quiet)
+                     plots=not args.no_plots, progress=not args.quiet,
+                     continue_on_dft_error=args.continue_on_dft_error)
     _print_summary(s, s.table)
+    return _dft_exit(s, args.continue_on_dft_error)
+
+
+def _import(args: argparse.Namespace) -> int:
+    from adsorbml.dft_import import import_single_points
+
+    rep = import_single_points(args.run_dir, args.export_dir, plots=not args.no_plots)
+    print(f"{rep.export_dir}: {len(rep.imported)} single points imported, {len(rep.kept)} already in the store, "
+          f"{len(rep.problems)} not usable")
+    for label, entries in (("imported", rep.imported), ("kept", rep.kept)):
+        for name, e in entries.items():
+            print(f"  {label} {name}: E = {e['energy']:.4f} eV, {e['scf_steps']} SCF steps, "
+                  f"{e['ionic_steps']} ionic step(s) ({Path(e['source']).name})")
+    for name, why in rep.problems.items():
+        print(f"  NOT IMPORTED {name}: {why}", file=sys.stderr)
+    _print_files(rep.files, rep.run_dir)
+    _print_answers(rep.answers, rep.table)
+    if rep.problems and not args.allow_missing:
+        print(f"adsorbml import: {len(rep.problems)} calculation director{'y' if len(rep.problems) == 1 else 'ies'} "
+              "not usable (listed above); --allow-missing to accept a partial import", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -105,7 +151,8 @@ def _export(args: argparse.Namespace) -> int:
     from adsorbml.workflow import export_run
 
     paths = export_run(args.run_dir, args.out, args.k, vasp=not args.no_vasp)
-    print(f"exported {len(paths)} VASP single-point directories (+ top_k.extxyz per system)")
+    print(f"exported {len(paths)} VASP single-point directories (clean slabs + top k; top_k.extxyz per system); "
+          f"read them back with: adsorbml import {args.run_dir} <export dir>")
     return 0
 
 
@@ -145,6 +192,8 @@ def _demo(args: argparse.Namespace) -> int:
           f"'DFT' = EMT single points, ground truth = EMT relaxations of every placement\noutput: {out}")
     s = run_workflow(cfg, out, ml_calculator=ml_calc, progress=not args.quiet)
     _print_summary(s, s.table)
+    if s.dft_errors:
+        return 1
     print(f"\nscore it again with: adsorbml metrics --targets {out}/targets.json --results {out}/results.json "
           f"--compute {out}/compute.json")
     return 0
@@ -179,6 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--gt-fmax", type=float, help="ground-truth relaxation fmax (default 0.02 eV/Å)")
     r.add_argument("--gt-steps", type=int, help="ground-truth relaxation steps (default 300)")
     r.add_argument("--max-atoms", type=int, help="atoms per batched relaxation call (does not change results)")
+    r.add_argument("--references", choices=("oc20", "computed"),
+                   help="gas references of E_ads: oc20 (RPBE/VASP constants; default with VASP, i.e. "
+                        "--dft-calculator none) or computed (H2, H2O, CO, N2 relaxed with each calculator; "
+                        "default with an in-process DFT such as emt)")
+    r.add_argument("--ml-energy-convention", choices=("referenced", "total"),
+                   help="energy convention of the ML model (default: its metadata, else total)")
+    r.add_argument("--continue-on-dft-error", action="store_true",
+                   help="keep going after a DFT single point raises (exit 0); default: stop and exit 1")
     r.add_argument("--no-plots", action="store_true", help="skip the PNG per system")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.set_defaults(func=_run)
@@ -189,6 +246,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--k", type=int, help="default: the run's k")
     e.add_argument("--no-vasp", action="store_true", help="only the extxyz files")
     e.set_defaults(func=_export)
+
+    im = sub.add_parser("import", help="read finished VASP single points of an export into the run, "
+                                       "recompute results/summary/metrics")
+    im.add_argument("run_dir")
+    im.add_argument("export_dir", help="the tree written by adsorbml export (<system_id>/<config_id>/vasprun.xml ...)")
+    im.add_argument("--allow-missing", action="store_true",
+                    help="exit 0 even if some directories are unfinished, failed or missing (they are still listed)")
+    im.add_argument("--no-plots", action="store_true", help="skip the PNG per system")
+    im.set_defaults(func=_import)
 
     d = sub.add_parser("demo", help="*CO, *O, *OH on Pt(111) and Cu(100) with the shipped model; EMT as DFT")
     d.add_argument("--out", help="output directory (default adsorbml-demo/<model>)")

@@ -1,4 +1,7 @@
-"""Ranking of ML-relaxed placements, top-k export for DFT, and import of DFT single points.
+"""Ranking of ML-relaxed placements and top-k export for DFT.
+
+Finished VASP single points are read back by :mod:`adsorbml.vasp_import` (``adsorbml import``);
+in-process single points are :mod:`adsorbml.single_points`.
 
 Layout written by :func:`export_top_k` (one directory per system)::
 
@@ -25,18 +28,17 @@ from __future__ import annotations
 
 import math
 import os
-import re
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from ase import Atoms
-from ase.io import read, write
+from ase.io import write
 
 from adsorbml.errors import InputError
-from eqv2_calc.io import atomic_write, atomic_write_text, copy_with_results, frame_with_results
+from adsorbml.single_points import run_single_points  # noqa: F401  (re-exported; it lived here)
+from eqv2_calc.io import atomic_write, atomic_write_text, copy_with_results
 
 __all__ = [
     "MLResult",
@@ -48,9 +50,6 @@ __all__ = [
     "kpoints_text",
     "write_vasp_inputs",
     "export_top_k",
-    "DFTResult",
-    "read_vasp_single_point",
-    "count_vasp_steps",
     "run_single_points",
 ]
 
@@ -195,109 +194,3 @@ def export_top_k(
                 paths.append(write_vasp_inputs(r.atoms, sdir / r.config_id, single_point=True, **incar))
     atomic_write_text(out / "paths.txt", "".join(f"{p}\n" for p in paths))
     return paths
-
-
-# --------------------------------------------------------------------------- DFT results
-
-
-@dataclass
-class DFTResult:
-    """A finished DFT single point.
-
-    ``energy`` in eV (None if it failed); ``scf_steps`` summed over ionic steps;
-    ``ionic_steps`` (1 for a single point); ``converged``: electronic convergence
-    (SCF steps of the last ionic step < NELM) when it can be judged, else None.
-    """
-
-    energy: float | None
-    scf_steps: int | None
-    ionic_steps: int | None
-    converged: bool | None = None
-    atoms: Atoms | None = None
-
-
-_ITER_RE = re.compile(r"Iteration\s+(\d+)\(\s*(\d+)\)")
-
-
-def count_vasp_steps(directory: str | os.PathLike) -> tuple[int | None, int | None, int | None]:
-    """(total SCF steps, ionic steps, SCF steps of the last ionic step) from vasprun.xml or OUTCAR."""
-    d = Path(directory)
-    xml = d / "vasprun.xml"
-    if xml.exists():
-        try:
-            root = ET.parse(xml).getroot()
-            calcs = root.findall("calculation")
-            per_ionic = [len(c.findall("scstep")) for c in calcs]
-            if per_ionic:
-                return sum(per_ionic), len(per_ionic), per_ionic[-1]
-        except ET.ParseError:
-            pass
-    outcar = d / "OUTCAR"
-    if outcar.exists():
-        counts: dict[int, int] = {}
-        for m in _ITER_RE.finditer(outcar.read_text(errors="replace")):
-            ionic, scf = int(m.group(1)), int(m.group(2))
-            counts[ionic] = max(counts.get(ionic, 0), scf)
-        if counts:
-            return sum(counts.values()), len(counts), counts[max(counts)]
-    return None, None, None
-
-
-def _nelm(directory: Path) -> int | None:
-    incar = directory / "INCAR"
-    if incar.exists():
-        m = re.search(r"^\s*NELM\s*=\s*(\d+)", incar.read_text(), re.MULTILINE | re.IGNORECASE)
-        if m:
-            return int(m.group(1))
-    return None
-
-
-def read_vasp_single_point(directory: str | os.PathLike) -> DFTResult:
-    """Read a finished VASP calculation (vasprun.xml preferred, else OUTCAR) via ase.io.
-
-    An unreadable or missing output gives ``DFTResult(energy=None, ...)`` (a failed single
-    point), never an exception, so one broken directory does not stop an import.
-    """
-    d = Path(directory)
-    atoms = None
-    for name, fmt in (("vasprun.xml", "vasp-xml"), ("OUTCAR", "vasp-out")):
-        if (d / name).exists():
-            try:
-                atoms = read(d / name, index=-1, format=fmt)
-                break
-            except Exception:  # noqa: BLE001 — truncated files from killed jobs are common
-                atoms = None
-    energy = None
-    if atoms is not None and atoms.calc is not None:
-        try:
-            energy = float(atoms.get_potential_energy())
-        except Exception:  # noqa: BLE001
-            energy = None
-    scf, ionic, last = count_vasp_steps(d)
-    nelm = _nelm(d)
-    converged = None if (last is None or nelm is None) else last < nelm
-    if converged is False:
-        energy = None
-    return DFTResult(energy, scf, ionic, converged, atoms)
-
-
-def run_single_points(structures: Sequence[Atoms], calculator: Any, progress: bool = True) -> list[DFTResult]:
-    """Single points with any ASE calculator (EMT, tblite, GPAW, ...), in-process.
-
-    ``scf_steps`` is None (unknown for a generic calculator); ``ionic_steps`` = 1 (one
-    force call). A calculator error gives ``energy=None`` for that structure.
-    """
-    from tqdm.auto import tqdm
-
-    out = []
-    for atoms in tqdm(structures, desc="DFT single points", disable=not progress):
-        a = atoms.copy()
-        a.calc = calculator
-        try:
-            e = float(a.get_potential_energy())
-            f = a.get_forces(apply_constraint=False)
-            a = frame_with_results(a, e, f)
-            out.append(DFTResult(e if math.isfinite(e) else None, None, 1, None, a))
-        except Exception:  # noqa: BLE001 — record the failure, keep going
-            out.append(DFTResult(None, None, 1, False, None))
-    return out

@@ -15,9 +15,10 @@ from ase import Atoms
 
 from adsorbml.adsorbates import Adsorbate, as_adsorbate
 from adsorbml.anomalies import DEFAULT_CHECKS, detect_anomalies
-from adsorbml.export import DFTResult, MLResult, rank_valid, run_single_points
+from adsorbml.export import MLResult, rank_valid
 from adsorbml.inputs import SlabRecord
 from adsorbml.placements import Placement, generate_placements
+from adsorbml.single_points import SinglePoint, run_single_points
 
 __all__ = ["SystemResult", "run_system", "ADSORBML_FMAX", "ADSORBML_STEPS"]
 
@@ -30,7 +31,7 @@ class SystemResult:
     """Everything computed for one adsorbate+slab system.
 
     ``ml`` has one :class:`MLResult` per placement (input order); ``ranked`` the valid ones
-    by ML energy; ``dft`` maps config_id → :class:`DFTResult` for the top k (if run).
+    by ML energy; ``dft`` maps config_id → :class:`~adsorbml.single_points.SinglePoint` for the top k (if run).
     ``ml_seconds`` is the wall time of the ML relaxations (placements only).
     """
 
@@ -39,7 +40,7 @@ class SystemResult:
     relaxed_slab: Atoms
     ml: list[MLResult]
     ranked: list[MLResult]
-    dft: dict[str, DFTResult] = field(default_factory=dict)
+    dft: dict[str, SinglePoint] = field(default_factory=dict)
     ml_seconds: float = 0.0
     ml_force_calls: int = 0
 

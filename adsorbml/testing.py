@@ -22,7 +22,7 @@ from ase.calculators.emt import EMT
 
 from adsorbml.references import GasReferences, adsorbate_composition
 
-__all__ = ["ReferencedEMT", "relax_emt"]
+__all__ = ["RaisingEMT", "ReferencedEMT", "relax_emt"]
 
 
 def relax_emt(atoms: Atoms, fmax: float = 0.01, steps: int = 500) -> float:
@@ -88,3 +88,15 @@ class ReferencedEMT(Calculator):
         work.calc = self._emt
         e = float(work.get_potential_energy()) - self.offset(self.atoms)
         self.results = {"energy": e, "free_energy": e, "forces": np.array(work.get_forces())}
+
+
+class RaisingEMT(EMT):
+    """EMT that raises ``RuntimeError("stand-in DFT failure: ...")`` for every structure with
+    tag-2 (adsorbate) atoms: a DFT calculator failing on adslabs (test helper; the clean slab and
+    gas molecules still work). Usable as ``--dft-calculator adsorbml.testing:RaisingEMT``."""
+
+    def calculate(self, atoms: Atoms | None = None, properties: Sequence[str] | None = None,
+                  system_changes: Sequence[str] = all_changes) -> None:
+        if atoms is not None and (atoms.get_tags() == 2).any():
+            raise RuntimeError(f"stand-in DFT failure: SCF did not converge for {atoms.get_chemical_formula()}")
+        super().calculate(atoms, properties or ["energy"], system_changes)

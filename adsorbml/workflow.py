@@ -14,13 +14,22 @@ of :mod:`adsorbml.store`:
 6. optional ground truth: DFT relaxation of the clean slab and of *every* placement
    (``slab_gt``, ``gt``), as for the OC20-Dense targets; cost = force calls.
 
+Before any of these, the gas references of the run are fixed (:mod:`adsorbml.energies`:
+``references`` "oc20" or "computed", the ML model's energy convention) and recorded in the
+store's run config (``energy_scheme``). Without ground truth, step 5 also runs a DFT single
+point on each ML-relaxed clean slab (``dft_sp`` row ``(slab_id, "slab")``): the DFT clean-slab
+energy of E_ads(ML+DFT). A DFT calculator that raises is recorded with its message (``dft_sp``
+row ``dft_error``, ``events.jsonl``) and stops the DFT work unless ``continue_on_dft_error``.
+
 Run again with the same settings and it resumes: finished rows are skipped, never redone.
-Outputs rewritten from the store at the end of each run (all energies are total energies in
-eV, so targets and results share one reference)::
+Outputs are rewritten from the store at the end of each run by :mod:`adsorbml.outputs`; all
+energies in them are adsorption energies (eV)::
 
     adsorbml.db       the store            events.jsonl   started/finished work (audit log)
     results.json      OC20-Dense results   anomalies.json {system_id: {config_id: reason}}
     targets.json      OC20-Dense targets   compute.json   ground-truth cost (ground truth only)
+    summary.json/.csv the lowest E_ads per system (placement, site, anomaly-free)
+    energies.json     which energies the files carry (references, conventions, offsets)
     metrics.md        success/speedup table (ground truth only)
     plots/<system_id>.png
 """
@@ -41,11 +50,13 @@ from ase import Atoms
 from adsorbml.adsorbates import as_adsorbate
 from adsorbml.anomalies import ALL_CHECKS, DEFAULT_CHECKS, detect_anomalies
 from adsorbml.errors import InputError
-from adsorbml.export import MLResult, export_top_k, rank_valid, run_single_points
+from adsorbml.export import MLResult, export_top_k, rank_valid, write_vasp_inputs
 from adsorbml.inputs import SlabRecord, load_slab, slabs_from_bulk
+from adsorbml.outputs import collect_outputs, ml_result, plot_system
 from adsorbml.placements import Placement, generate_placements
+from adsorbml.single_points import single_point
 from adsorbml.store import RunStore
-from eqv2_calc.io import atomic_write, atomic_write_text
+from eqv2_calc.io import atomic_write_text
 
 __all__ = [
     "SlabSpec",
@@ -165,6 +176,15 @@ class RunConfig:
     max_atoms:
         Atom budget of one batched relaxation call (None: relaxer default). Does not change
         results, only how many structures relax at once.
+    references:
+        Gas references of the adsorption energies: ``"oc20"`` (published RPBE/VASP constants)
+        or ``"computed"`` (H2, H2O, CO, N2 relaxed with each side's calculator). None: ``"oc20"``
+        when the DFT is VASP (``dft_calculator "none"`` + export/import, or ASE's Vasp),
+        ``"computed"`` otherwise (EMT or another ASE calculator as the DFT), see
+        :func:`adsorbml.energies.default_references`. Resolved when the run starts.
+    ml_energy_convention:
+        ``"referenced"`` or ``"total"``; None: the ML calculator's own
+        (``metadata["energy_convention"]``, else ``"total"``). Resolved when the run starts.
     """
 
     slabs: list[SlabSpec] = field(default_factory=list)
@@ -182,12 +202,15 @@ class RunConfig:
     gt_steps: int = 300
     checks: list[str] = field(default_factory=lambda: list(DEFAULT_CHECKS))
     max_atoms: int | None = None
+    references: str | None = None
+    ml_energy_convention: str | None = None
 
     # The fields that determine the results (allow-list, see eqv2_calc.resume): recorded in
     # the store and compared when resuming. EXECUTION_FIELDS only change how the work runs.
     RESULT_FIELDS = (
         "slabs", "adsorbates", "num_random", "heuristic", "seed", "fmax", "steps", "k",
         "ml_calculator", "dft_calculator", "ground_truth", "gt_fmax", "gt_steps", "checks",
+        "references", "ml_energy_convention",
     )
     EXECUTION_FIELDS = ("max_atoms",)
 
@@ -226,6 +249,18 @@ class RunConfig:
         dft = _parse_calculator(self.dft_calculator, ("ase", "none"), "DFT calculator")
         if self.ground_truth and dft.kind == "none":
             raise InputError("ground_truth needs a DFT calculator (e.g. --dft-calculator emt)")
+        from adsorbml.energies import REFERENCE_CHOICES
+        from adsorbml.references import adsorbate_composition, parse_convention
+
+        if self.references is not None and self.references not in REFERENCE_CHOICES:
+            raise InputError(f"references={self.references!r}; expected one of {list(REFERENCE_CHOICES)}")
+        if self.references == "computed" and dft.kind == "none":
+            raise InputError("references 'computed' needs a DFT calculator for the DFT-side gas references; "
+                             "VASP single points (--dft-calculator none, then adsorbml export/import) use 'oc20'")
+        if self.ml_energy_convention is not None:
+            self.ml_energy_convention = parse_convention(self.ml_energy_convention)
+        for a in self.adsorbates:
+            adsorbate_composition(as_adsorbate(a).atoms.get_chemical_symbols())  # elements outside H, C, N, O have no gas reference
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -360,11 +395,6 @@ def _placement_from_row(row: Any) -> Placement:
                      int(d["binding_index"]), np.asarray(d["rotation"], float))
 
 
-def _ml_result(row: Any) -> MLResult:
-    e = row.get("ml_energy", math.nan)
-    return MLResult(row.config_id, row.toatoms(), float(e), row.anomaly, bool(row.converged), {"nsteps": row.nsteps})
-
-
 # --------------------------------------------------------------------------- the run
 
 
@@ -383,6 +413,9 @@ class RunSummary:
     ml_seconds: float
     files: dict[str, Path] = field(default_factory=dict)
     table: str | None = None
+    answers: list = field(default_factory=list)  # adsorbml.summary.SystemAnswer per system
+    dft_errors: dict[str, str] = field(default_factory=dict)  # "<system_id>/<config_id>" → message
+    dft_stopped: bool = False  # DFT work stopped at the first error (no continue_on_dft_error)
 
 
 def _verdict(systems: Sequence[Any], slab_refs: dict, checks: Any, energy_key: str) -> Callable[[str, str, Any], dict]:
@@ -436,6 +469,48 @@ def _relax_into_store(
     return time.perf_counter() - t0
 
 
+def resolve_energy_settings(cfg: RunConfig, ml_calc: Any, dft_calc: Any | None) -> RunConfig:
+    """``cfg`` with ``references`` and ``ml_energy_convention`` resolved (see :class:`RunConfig`)."""
+    import dataclasses
+
+    from adsorbml.energies import default_references, resolve_ml_convention
+
+    refs = cfg.references or default_references(cfg.dft_calculator, dft_calc)
+    conv = resolve_ml_convention(cfg.ml_energy_convention, ml_calc)
+    return dataclasses.replace(cfg, references=refs, ml_energy_convention=conv)
+
+
+def _dft_single_points(
+    store: RunStore, run_id: int, todo: list[tuple[str, str, Atoms]], dft_calc: Any, *,
+    continue_on_error: bool, progress: bool, log: Log,
+) -> tuple[int, bool]:
+    """Single points on ``todo`` [(system_id, config_id, atoms)], each written to ``dft_sp`` as it
+    finishes (a failure with its message as ``dft_error``, also in events.jsonl). Returns (number
+    run, whether it stopped at an error)."""
+    from tqdm.auto import tqdm
+
+    n = 0
+    for sid, cid, atoms in tqdm(todo, desc="DFT single points", unit="sp", disable=not progress):
+        d = single_point(atoms, dft_calc)
+        store.write("dft_sp", sid, cid, d.atoms if d.atoms is not None else atoms,
+                    {"run_id": run_id, "dft_energy": d.energy, "dft_ok": d.energy is not None,
+                     "scf_steps": d.scf_steps, "ionic_steps": d.ionic_steps, "dft_error": d.error}, {})
+        n += 1
+        if d.error is not None:
+            store.log_event(event="dft_error", stage="dft_sp", run_id=run_id, system_id=sid, config_id=cid,
+                            error=d.error)
+            log(f"DFT single point {sid}/{cid} failed: {d.error}")
+            if not continue_on_error:
+                return n, True
+    return n, False
+
+
+def dft_errors(store: RunStore) -> dict[str, str]:
+    """Every failed DFT single point in the store: ``"<system_id>/<config_id>"`` → message."""
+    return {f"{r.system_id}/{r.config_id}": r.get("dft_error") or "failed (no message recorded)"
+            for r in store.rows("dft_sp") if not r.get("dft_ok", r.get("dft_energy") is not None)}
+
+
 def run_workflow(
     cfg: RunConfig,
     out_dir: str | os.PathLike,
@@ -445,20 +520,29 @@ def run_workflow(
     plots: bool = True,
     progress: bool = True,
     log: Log = print,
+    continue_on_dft_error: bool = False,
 ) -> RunSummary:
     """Run (or resume) the AdsorbML workflow for ``cfg`` in ``out_dir``.
 
     ``ml_calculator`` / ``dft_calculator`` override the calculators named in ``cfg`` (e.g. an
     already loaded model); the names in ``cfg`` still label the run and guard resuming.
+    A DFT single point that raises stops the DFT work (single points and ground truth) unless
+    ``continue_on_dft_error``; the failures are in :attr:`RunSummary.dft_errors` either way.
     """
     from tqdm.auto import tqdm
+
+    from adsorbml.energies import build_scheme
 
     cfg.check()
     # build the calculators first: a bad model or calculator fails before any work is done
     ml_calc = ml_calculator if ml_calculator is not None else make_ml_calculator(cfg.ml_calculator)
     dft_calc = dft_calculator if dft_calculator is not None else make_dft_calculator(cfg.dft_calculator)
+    cfg = resolve_energy_settings(cfg, ml_calc, dft_calc)
     store = RunStore(out_dir)
-    run_id = store.begin_run(cfg.to_dict(), cfg.fingerprint())
+    # the gas references (a resumed run keeps its stored ones), recorded with the run config
+    previous = (store.config or {}).get("energy_scheme")
+    scheme = build_scheme(cfg.references, cfg.ml_energy_convention, ml_calc, dft_calc, previous)
+    run_id = store.begin_run(dict(cfg.to_dict(), energy_scheme=scheme.to_dict()), cfg.fingerprint())
     out = store.directory
     if run_id > 1:
         log(f"resuming {out} (run {run_id}): finished work in {store.path.name} is kept")
@@ -505,7 +589,7 @@ def run_workflow(
     ml_seconds = 0.0
     if pending or slab_pending:
         _relax_into_store(store, run_id, "slab_ml", slab_pending, ml_calc, fmax=cfg.fmax, steps=cfg.steps,
-                          max_atoms=cfg.max_atoms, progress=False)
+                          max_atoms=cfg.max_atoms, progress=False, verdict=_slab_energy("ml_energy"))
     if pending:
         ref = {i: store.get("slab_ml", i, "slab").toatoms() for i in slabs}
         ml_verdict = _verdict(systems, ref, cfg.checks, "ml_energy")
@@ -514,32 +598,32 @@ def run_workflow(
                                        max_atoms=cfg.max_atoms, progress=progress, verdict=ml_verdict)
         store.update_run(run_id, ml_seconds=ml_seconds, ml_relaxations=len(pending))
 
-    # 5. DFT single points on the top k
-    dft_now = 0
+    # 5. DFT single points: the ML-relaxed clean slabs (E_ads reference without ground truth),
+    #    then the top k of every system
+    dft_now, stopped = 0, False
     if dft_calc is not None:
         dft_done = store.done("dft_sp")
-        todo = []
+        todo: list[tuple[str, str, Atoms]] = []
+        if not cfg.ground_truth:
+            todo += [(i, "slab", store.get("slab_ml", i, "slab").toatoms()) for i in slabs
+                     if (i, "slab") not in dft_done]
         for s in systems:
-            ranked = rank_valid([_ml_result(r) for r in store.rows("ml", s.system_id)], cfg.k)
-            todo += [(s.system_id, r) for r in ranked if (s.system_id, r.config_id) not in dft_done]
-        if todo:
-            for sid, r in tqdm(todo, desc="DFT single points", unit="sp", disable=not progress):
-                d = run_single_points([r.atoms], dft_calc, progress=False)[0]
-                store.write("dft_sp", sid, r.config_id, d.atoms if d.atoms is not None else r.atoms,
-                            {"run_id": run_id, "dft_energy": d.energy, "dft_ok": d.energy is not None,
-                             "scf_steps": d.scf_steps, "ionic_steps": d.ionic_steps}, {})
-                dft_now += 1
+            ranked = rank_valid([ml_result(r) for r in store.rows("ml", s.system_id)], cfg.k)
+            todo += [(s.system_id, r.config_id, r.atoms) for r in ranked if (s.system_id, r.config_id) not in dft_done]
+        dft_now, stopped = _dft_single_points(store, run_id, todo, dft_calc, continue_on_error=continue_on_dft_error,
+                                              progress=progress, log=log)
 
     # 6. ground truth: DFT relaxations of the clean slabs and of every placement
     gt_now = 0
-    if cfg.ground_truth:
+    if cfg.ground_truth and not stopped:
         gt_done = store.done("gt")
         gt_pending = [(s.system_id, p.config_id, p.atoms) for s in systems for p in s.placements
                       if (s.system_id, p.config_id) not in gt_done]
         slab_gt_pending = [(i, "slab", slabs[i].atoms) for i in slabs if store.get("slab_gt", i, "slab") is None]
         if gt_pending or slab_gt_pending:
             _relax_into_store(store, run_id, "slab_gt", slab_gt_pending, dft_calc, fmax=cfg.gt_fmax,
-                              steps=cfg.gt_steps, max_atoms=cfg.max_atoms, progress=False)
+                              steps=cfg.gt_steps, max_atoms=cfg.max_atoms, progress=False,
+                              verdict=_slab_energy("gt_energy"))
         if gt_pending:
             gref = {i: store.get("slab_gt", i, "slab").toatoms() for i in slabs}
             gt_verdict = _verdict(systems, gref, cfg.checks, "gt_energy")
@@ -548,140 +632,22 @@ def run_workflow(
                               max_atoms=cfg.max_atoms, progress=progress, verdict=gt_verdict)
             gt_now = len(gt_pending)
 
-    files, table = collect_outputs(store, cfg, [s.system_id for s in systems], plots=plots)
-    store.update_run(run_id, finished=time.time())
+    files, table, answers = collect_outputs(store, cfg, [s.system_id for s in systems], plots=plots)
+    errors = dft_errors(store)
+    store.update_run(run_id, finished=time.time(), dft_errors=len(errors))
     return RunSummary(out, run_id, [s.system_id for s in systems], n_placements, len(pending),
-                      n_placements - len(pending), dft_now, gt_now, ml_seconds, files, table)
+                      n_placements - len(pending), dft_now, gt_now, ml_seconds, files, table, answers,
+                      errors, stopped)
 
 
-# --------------------------------------------------------------------------- outputs
+def _slab_energy(key: str) -> Callable[[str, str, Any], dict]:
+    """Row values of a clean-slab relaxation: its energy (eV) under ``key``."""
 
+    def verdict(sid: str, cid: str, r: Any) -> dict:
+        e = float(r.energy)
+        return {key: e if math.isfinite(e) else None, "energy_ok": math.isfinite(e)}
 
-def collect_outputs(
-    store: RunStore, cfg: RunConfig, system_ids: Sequence[str], plots: bool = True,
-) -> tuple[dict[str, Path], str | None]:
-    """Write results/anomalies (and targets/compute/metrics with ground truth) and plots from
-    the store. Returns (files, Markdown metrics table or None)."""
-    from adsorbml.metrics import format_table, metrics_table, write_compute, write_results, write_targets
-
-    out = store.directory
-    results: dict[str, dict] = {}
-    anomalies: dict[str, dict] = {}
-    targets: dict[str, list] = {}
-    compute: dict[str, dict] = {}
-    per_system: dict[str, dict] = {}
-    gt_complete = cfg.ground_truth
-    for sid in system_ids:
-        order = {r.config_id: i for i, r in enumerate(store.rows("placement", sid))}
-        n_pl = len(order)
-        ml_rows = sorted(store.rows("ml", sid), key=lambda r: order.get(r.config_id, len(order)))
-        ml = [_ml_result(r) for r in ml_rows]  # placement order (rows are in finishing order)
-        dft = {r.config_id: r for r in store.rows("dft_sp", sid)}
-        ranked = rank_valid(ml)
-        results[sid] = {}
-        for r in ranked:
-            d = dft.get(r.config_id)
-            results[sid][r.config_id] = {
-                "ml_energy": float(r.ml_energy),
-                "ml+dft_energy": None if d is None else d.get("dft_energy"),
-                "scf_steps": None if d is None else d.get("scf_steps"),
-                "ionic_steps": None if d is None else d.get("ionic_steps"),
-            }
-        anomalies[sid] = {r.config_id: r.anomaly for r in ml}
-        gt_rows = list(store.rows("gt", sid)) if cfg.ground_truth else []
-        gt = {r.config_id: r for r in gt_rows}
-        if cfg.ground_truth:
-            if len(gt_rows) < n_pl:
-                gt_complete = False
-            valid = [(r.config_id, float(r.gt_energy)) for r in gt_rows if r.anomaly == "ok" and r.get("gt_energy") is not None]
-            if valid:
-                targets[sid] = valid
-            compute[sid] = {r.config_id: {"scf": None, "ionic": int(r.force_calls)} for r in gt_rows}
-            slab_id = store.get("placement", sid, gt_rows[0].config_id).slab_id if gt_rows else None
-            srow = store.get("slab_gt", slab_id, "slab") if slab_id else None
-            if srow is not None:
-                compute[sid]["surface"] = {"scf": None, "ionic": int(srow.force_calls)}
-        per_system[sid] = {"ml": ml, "dft": dft, "gt": gt}
-
-    files = {"results": write_results(out / "results.json", results)}
-    atomic_write_text(out / "anomalies.json", json.dumps(anomalies, indent=1))
-    files["anomalies"] = out / "anomalies.json"
-    table = None
-    if cfg.ground_truth and gt_complete and targets:
-        files["targets"] = write_targets(out / "targets.json", targets)
-        files["compute"] = write_compute(out / "compute.json", compute)
-        runs = store.metadata.get("runs", [])
-        secs = sum(r.get("ml_seconds", 0.0) for r in runs)
-        nrel = sum(r.get("ml_relaxations", 0) for r in runs)
-        res_scored = {s: results.get(s, {}) for s in targets}
-        rows = metrics_table(targets, res_scored, {s: compute[s] for s in targets}, k_max=cfg.k,
-                             ml_seconds_per_relaxation=(secs / nrel) if nrel else None)
-        table = format_table(rows)
-        dropped = sorted(set(system_ids) - set(targets))
-        note = f"\n\nSystems without any valid ground-truth relaxation (not scored): {', '.join(dropped)}\n" if dropped else "\n"
-        atomic_write_text(out / "metrics.md", table + note)
-        files["metrics"] = out / "metrics.md"
-    if plots:
-        pdir = out / "plots"
-        for sid in system_ids:
-            d = per_system[sid]
-            files[f"plot:{sid}"] = plot_system(
-                pdir / f"{sid}.png", sid, d["ml"], cfg.k,
-                {c: r.get("dft_energy") for c, r in d["dft"].items()},
-                {c: (r.get("gt_energy") if r.anomaly == "ok" else None) for c, r in d["gt"].items()},
-            )
-    return files, table
-
-
-def plot_system(
-    path: str | os.PathLike,
-    system_id: str,
-    ml: Sequence[MLResult],
-    k: int,
-    dft: Mapping[str, float | None] | None = None,
-    ground_truth: Mapping[str, float | None] | None = None,
-) -> Path:
-    """PNG of one system: ML energy per placement (input order), anomalies marked (red ×),
-    the top k highlighted, DFT single-point energies (◆) and the ground-truth minimum (dashed)
-    where known. Uses matplotlib's Agg backend (no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    dft = dict(dft or {})
-    gt = dict(ground_truth or {})
-    x = {r.config_id: i for i, r in enumerate(ml)}
-    top = {r.config_id for r in rank_valid(ml, k)} if ml else set()
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.18 * len(ml) + 3), 4.0), dpi=100)
-    ok = [r for r in ml if r.anomaly == "ok" and math.isfinite(r.ml_energy)]
-    bad = [r for r in ml if r.anomaly != "ok" and math.isfinite(r.ml_energy)]
-    ax.scatter([x[r.config_id] for r in ok], [r.ml_energy for r in ok], s=18, c="tab:blue", label="ML energy (valid)")
-    if bad:
-        ax.scatter([x[r.config_id] for r in bad], [r.ml_energy for r in bad], s=30, c="tab:red", marker="x",
-                   label="anomalous (ML)")
-    tk = [r for r in ok if r.config_id in top]
-    if tk:
-        ax.scatter([x[r.config_id] for r in tk], [r.ml_energy for r in tk], s=110, facecolors="none",
-                   edgecolors="tab:orange", linewidths=1.8, label=f"top {k} by ML energy")
-    dd = [(x[c], e) for c, e in dft.items() if e is not None and c in x]
-    if dd:
-        ax.scatter(*zip(*dd), s=40, c="tab:green", marker="D", label="DFT single point")
-    gv = [e for e in gt.values() if e is not None]
-    if gv:
-        ax.axhline(min(gv), color="k", ls="--", lw=1, label=f"ground-truth min {min(gv):.3f} eV")
-    ax.set_xticks(range(len(ml)))
-    ax.set_xticklabels([r.config_id for r in ml], rotation=90, fontsize=6)
-    ax.set_xlabel("placement")
-    ax.set_ylabel("total energy (eV)")
-    ax.set_title(f"{system_id}: {len(ok)} valid / {len(ml)} relaxed")
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip(".") or "png"))
-    plt.close(fig)
-    return path
+    return verdict
 
 
 # --------------------------------------------------------------------------- export
@@ -693,14 +659,24 @@ def export_run(
     """Top-k VASP inputs + extxyz of a finished (or partial) run, from its store.
 
     Writes to ``out`` (default ``<run_dir>/export``); ``k`` defaults to the run's k.
-    Returns the VASP calculation directories (see :func:`adsorbml.export.export_top_k`).
+    With ``vasp``, each ML-relaxed clean slab is exported too, as ``<out>/<slab_id>/slab``
+    (its single point is the DFT clean-slab energy of E_ads(ML+DFT); ``adsorbml import`` maps it
+    back). Returns the VASP calculation directories, clean slabs first (also in ``paths.txt``;
+    see :func:`adsorbml.export.export_top_k`).
     """
     store = RunStore(run_dir, create=False)
     cfg = store.config or {}
     k = int(k if k is not None else cfg.get("k", 5))
     ranked: dict[str, list[MLResult]] = {}
     for row in store.rows("ml"):
-        ranked.setdefault(row.system_id, []).append(_ml_result(row))
+        ranked.setdefault(row.system_id, []).append(ml_result(row))
     if not ranked:
         raise InputError(f"{store.path} has no finished ML relaxations yet")
-    return export_top_k(ranked, Path(out) if out is not None else store.directory / "export", k=k, vasp=vasp)
+    dest = Path(out) if out is not None else store.directory / "export"
+    paths = export_top_k(ranked, dest, k=k, vasp=vasp)
+    if vasp:
+        slabs = [write_vasp_inputs(r.toatoms(), dest / r.system_id / "slab", single_point=True)
+                 for r in store.rows("slab_ml")]
+        paths = slabs + paths
+        atomic_write_text(dest / "paths.txt", "".join(f"{p}\n" for p in paths))
+    return paths

@@ -1,4 +1,4 @@
-"""adsorbml.export: ranking, VASP/extxyz export, step counting, in-process single points."""
+"""adsorbml.export: ranking, VASP/extxyz export; adsorbml.single_points: in-process single points."""
 
 from __future__ import annotations
 
@@ -12,10 +12,8 @@ from ase.io import read
 
 from adsorbml.export import (
     MLResult,
-    count_vasp_steps,
     export_top_k,
     rank_valid,
-    read_vasp_single_point,
     run_single_points,
     surface_kpoints,
 )
@@ -80,23 +78,12 @@ def test_left_handed_cell_is_fixed(tmp_path):
     assert np.linalg.det(b.cell) > 0 and np.allclose(b.positions, a.positions)
 
 
-def test_count_steps_vasprun_and_outcar(tmp_path):
-    d1 = tmp_path / "xml"
-    d1.mkdir()
-    (d1 / "vasprun.xml").write_text(
-        "<modeling><calculation><scstep/><scstep/><scstep/></calculation>"
-        "<calculation><scstep/><scstep/></calculation></modeling>"
-    )
-    assert count_vasp_steps(d1) == (5, 2, 2)
-    d2 = tmp_path / "out"
-    d2.mkdir()
-    lines = [f"----- Iteration      1(  {i})  -----" for i in range(1, 8)]
-    (d2 / "OUTCAR").write_text("\n".join(lines) + "\n")
-    (d2 / "INCAR").write_text("NSW = 0\nNELM = 7\n")
-    assert count_vasp_steps(d2) == (7, 1, 7)
-    r = read_vasp_single_point(d2)  # 7 SCF steps = NELM → not converged → no energy
-    assert r.converged is False and r.energy is None and r.scf_steps == 7
-    assert read_vasp_single_point(tmp_path / "missing").energy is None
+def test_vasp_output_is_read_by_vasp_import_only():
+    """The hand-written XML/OUTCAR readers are gone: one reader, adsorbml.vasp_import."""
+    import adsorbml.export as export
+
+    for gone in ("read_vasp_single_point", "count_vasp_steps", "DFTResult"):
+        assert not hasattr(export, gone), gone
 
 
 def test_run_single_points_emt(placements):
@@ -106,5 +93,6 @@ def test_run_single_points_emt(placements):
         ref.calc = EMT()
         assert r.energy == pytest.approx(ref.get_potential_energy(), abs=1e-10)
         assert r.ionic_steps == 1 and r.scf_steps is None
-    bad = Atoms("Xe", positions=[[0, 0, 0]])  # EMT has no Xe parameters → recorded failure
-    assert run_single_points([bad], EMT(), progress=False)[0].energy is None
+    bad = Atoms("Xe", positions=[[0, 0, 0]])  # EMT has no Xe parameters → recorded failure, with its message
+    failed = run_single_points([bad], EMT(), progress=False)[0]
+    assert failed.energy is None and failed.error.startswith("NotImplementedError") and "Xe" in failed.error

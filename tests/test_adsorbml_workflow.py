@@ -67,21 +67,43 @@ def test_tiny_ground_truth_run_outputs_export_and_metrics(tmp_path, capsys):
     gt = [r for r in st.rows("gt", sid)]
     assert len(gt) == 3 and st.count("slab_gt") == 1
     valid = [r.gt_energy for r in gt if r.anomaly == "ok"]
-    assert min(e for _, e in targets[sid]) == pytest.approx(min(valid))
+    # the files hold adsorption energies: EMT totals − E_EMT(ground-truth relaxed clean slab) − ε_O,
+    # ε_O = E(H2O) − E(H2) from EMT molecules (references "computed" by default with EMT as the DFT)
+    from ase.build import molecule
+    from ase.calculators.emt import EMT
+    from ase.optimize import BFGS
+
+    mol = {}
+    for m in ("H2", "H2O"):
+        a = molecule(m, vacuum=10.0)
+        a.pbc = False
+        a.calc = EMT()
+        BFGS(a, logfile=None).run(fmax=0.001)
+        mol[m] = a.get_potential_energy()
+    eps_o = mol["H2O"] - mol["H2"]
+    slab_gt = st.get("slab_gt", "Pt111", "slab").gt_energy
+    off = slab_gt + eps_o
+    assert st.config["references"] == "computed" and st.config["ml_energy_convention"] == "total"
+    assert min(e for _, e in targets[sid]) == pytest.approx(min(valid) - off, abs=2e-3)
+    energies = json.loads((out / "energies.json").read_text())
+    assert energies["systems"][sid]["dft_slab_energy"] == pytest.approx(slab_gt, abs=1e-9)
+    assert energies["systems"][sid]["dft"] == pytest.approx(off, abs=2e-3)
+    assert "ground-truth" in energies["systems"][sid]["dft_slab_reference"]
+    ml_off = st.get("slab_ml", "Pt111", "slab").ml_energy + eps_o
     compute = json.loads((out / "compute.json").read_text())
     assert sorted(compute[sid]) == sorted(["rand0", "rand1", "rand2", "surface"])
     assert all(compute[sid][r.config_id]["ionic"] == r.nsteps + 1 for r in gt)
     results = json.loads((out / "results.json").read_text())
     ml_ok = sorted((r.ml_energy, r.config_id) for r in st.rows("ml", sid) if r.anomaly == "ok")
-    assert list(results[sid]) == [c for _, c in ml_ok]
+    assert list(results[sid]) == [c for _, c in ml_ok]  # same ranking in E_ads and in totals
+    for e_ml, c in ml_ok:
+        assert results[sid][c]["ml_energy"] == pytest.approx(e_ml - ml_off, abs=2e-3)
     with_dft = [c for c, e in results[sid].items() if e["ml+dft_energy"] is not None]
     assert with_dft == [c for _, c in ml_ok[:2]]
     for c in with_dft:  # the single point is EMT on the ML-relaxed structure
-        from ase.calculators.emt import EMT
-
         a = st.get("ml", sid, c).toatoms()
         a.calc = EMT()
-        assert results[sid][c]["ml+dft_energy"] == pytest.approx(a.get_potential_energy(), abs=1e-8)
+        assert results[sid][c]["ml+dft_energy"] == pytest.approx(a.get_potential_energy() - off, abs=2e-3)
         assert results[sid][c]["ionic_steps"] == 1
     assert (out / "plots" / f"{sid}.png").stat().st_size > 1000
     # metrics.md, checked against success@k / speedup worked out from the files above: the best
