@@ -67,10 +67,9 @@ def import_single_points(
 
     store = RunStore(run_dir, create=False)
     cfg = _run_config(store)
-    md = store.metadata
-    run_id = store.begin_run(store.config or {}, md.get("fingerprint"))
+    scan = scan_export_dir(export_dir)  # a missing export directory fails before anything is recorded
+    run_id = store.begin_run(store.config or {}, store.metadata.get("fingerprint"))
     store.update_run(run_id, command="import", export_dir=str(export_dir))
-    scan = scan_export_dir(export_dir)
     rep = ImportReport(store.directory, Path(export_dir), problems=dict(scan.problems))
     for name, res in sorted(scan.results.items()):
         sid, cid = split_name(name)
