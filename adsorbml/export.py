@@ -13,6 +13,9 @@ Layout written by :func:`export_top_k` (one directory per system)::
     <out>/<system_id>/<config_id>/KPOINTS     OC20 surface rule (Monkhorst-Pack)
     <out>/paths.txt                           one calculation directory per line
 
+POSCAR, INCAR and KPOINTS are written with :mod:`pymatgen.io.vasp` (``Poscar``, ``Incar``,
+``Kpoints``), not formatted by hand.
+
 POTCARs are licensed and not written: concatenate them in the order of the POSCAR's species
 line (which may repeat an element, because the atom order is kept so results map back
 one-to-one).
@@ -28,29 +31,31 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from ase import Atoms
 from ase.io import write
 
 from adsorbml.errors import InputError
-from adsorbml.single_points import run_single_points  # noqa: F401  (re-exported; it lived here)
+from adsorbml.single_points import run_single_points
 from eqv2_calc.io import atomic_write, atomic_write_text, copy_with_results
 
 __all__ = [
-    "MLResult",
-    "rank_valid",
     "OC20_VASP_FLAGS",
     "SINGLE_POINT_FLAGS",
-    "surface_kpoints",
+    "MLResult",
+    "export_top_k",
     "incar_text",
     "kpoints_text",
-    "write_vasp_inputs",
-    "export_top_k",
+    "poscar_text",
+    "rank_valid",
     "run_single_points",
+    "surface_kpoints",
+    "write_vasp_inputs",
 ]
 
 OC20_VASP_FLAGS: dict[str, Any] = {
@@ -131,33 +136,55 @@ def surface_kpoints(atoms: Atoms, multiplier: float = KPOINT_MULTIPLIER) -> tupl
     return (max(1, int(round(multiplier / na))), max(1, int(round(multiplier / nb))), 1)
 
 
-def _fmt(v: Any) -> str:
-    if isinstance(v, bool):
-        return ".TRUE." if v else ".FALSE."
-    return str(v)
+def _incar(single_point: bool = True, **overrides: Any):
+    from pymatgen.io.vasp import Incar
 
-
-def incar_text(single_point: bool = True, **overrides: Any) -> str:
-    """INCAR contents with the OC20 flags (+ single-point settings); overrides win."""
     flags = dict(OC20_VASP_FLAGS)
     if single_point:
         flags.update(SINGLE_POINT_FLAGS)
     flags.update({k.upper(): v for k, v in overrides.items()})
-    return "".join(f"{k} = {_fmt(v)}\n" for k, v in flags.items())
+    return Incar(flags)
+
+
+def incar_text(single_point: bool = True, **overrides: Any) -> str:
+    """INCAR contents (:class:`pymatgen.io.vasp.Incar`) with the OC20 flags (+ single-point
+    settings); overrides win."""
+    return _incar(single_point, **overrides).get_str()
+
+
+def _kpoints(kpts: Sequence[int]):
+    from pymatgen.io.vasp import Kpoints
+
+    k = Kpoints.monkhorst_automatic(tuple(int(x) for x in kpts))
+    k.comment = "Automatic mesh (OC20 surface rule)"
+    return k
 
 
 def kpoints_text(kpts: Sequence[int]) -> str:
-    """A Monkhorst-Pack KPOINTS file for mesh ``kpts``."""
-    return f"Automatic mesh (OC20 surface rule)\n0\nMonkhorst-Pack\n{kpts[0]} {kpts[1]} {kpts[2]}\n0 0 0\n"
+    """A Monkhorst-Pack KPOINTS file (:class:`pymatgen.io.vasp.Kpoints`) for mesh ``kpts``."""
+    return str(_kpoints(kpts))
+
+
+def poscar_text(atoms: Atoms) -> str:
+    """POSCAR (:class:`pymatgen.io.vasp.Poscar`): Cartesian, the atom order of ``atoms`` kept
+    (the species line may repeat an element), selective dynamics from FixAtoms."""
+    from pymatgen.io.ase import AseAtomsAdaptor
+    from pymatgen.io.vasp import Poscar
+
+    a = atoms.copy()
+    a.calc = None
+    structure = AseAtomsAdaptor.get_structure(a)
+    if "tags" in structure.site_properties:
+        structure.remove_site_property("tags")
+    return Poscar(structure, comment=a.get_chemical_formula(), sort_structure=False).get_str(direct=False)
 
 
 def write_vasp_inputs(atoms: Atoms, directory: str | os.PathLike, single_point: bool = True, **incar: Any) -> Path:
-    """Write POSCAR, INCAR and KPOINTS for ``atoms`` into ``directory``; returns it."""
+    """Write POSCAR, INCAR and KPOINTS (pymatgen.io.vasp) for ``atoms`` into ``directory``; returns it."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     a = _right_handed(atoms)
-    a.calc = None
-    atomic_write(d / "POSCAR", lambda tmp: write(tmp, a, format="vasp", direct=False, sort=False))
+    atomic_write_text(d / "POSCAR", poscar_text(a))
     atomic_write_text(d / "INCAR", incar_text(single_point, **incar))
     atomic_write_text(d / "KPOINTS", kpoints_text(surface_kpoints(a)))
     return d

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 from ase import Atoms
@@ -60,11 +59,21 @@ def test_export_top_k(tmp_path, placements):
     assert np.allclose(poscar.positions, placements[1].atoms.positions, atol=1e-6)
     fixed = poscar.constraints[0].get_indices().tolist()
     assert fixed == np.flatnonzero(placements[1].atoms.get_tags() == 0).tolist()
-    incar = dict(line.split(" = ") for line in (d / "INCAR").read_text().splitlines())
-    for key, val in {"NSW": "0", "NELM": "300", "IBRION": "2", "ISIF": "0", "ISYM": "0", "LREAL": "Auto",
-                     "EDIFFG": "-0.03", "ENCUT": "350", "GGA": "RP", "LWAVE": ".FALSE."}.items():
+    from pymatgen.io.vasp import Incar, Kpoints, Poscar
+
+    incar = Incar.from_file(d / "INCAR")  # as VASP tooling reads it back
+    for key, val in {"NSW": 0, "NELM": 300, "IBRION": 2, "ISIF": 0, "ISYM": 0, "ISPIN": 1, "LREAL": "Auto",
+                     "EDIFFG": -0.03, "ENCUT": 350, "SYMPREC": 1e-10, "NCORE": 4, "LWAVE": False,
+                     "LAECHG": False}.items():
         assert incar[key] == val, key
+    assert str(incar["GGA"]).upper() == "RP"
+    kp = Kpoints.from_file(d / "KPOINTS")
+    assert kp.style == Kpoints.supported_modes.Monkhorst and tuple(kp.kpts[0]) == (5, 6, 1)
     assert (d / "KPOINTS").read_text().splitlines()[3] == "5 6 1"
+    pos = Poscar.from_file(d / "POSCAR")
+    assert [s.specie.symbol for s in pos.structure] == placements[1].atoms.get_chemical_symbols()
+    fixed = [not any(sd) for sd in pos.selective_dynamics]
+    assert np.flatnonzero(fixed).tolist() == np.flatnonzero(placements[1].atoms.get_tags() == 0).tolist()
     assert (tmp_path / "paths.txt").read_text().split() == [str(p) for p in paths]
 
 
@@ -80,7 +89,7 @@ def test_left_handed_cell_is_fixed(tmp_path):
 
 def test_vasp_output_is_read_by_vasp_import_only():
     """The hand-written XML/OUTCAR readers are gone: one reader, adsorbml.vasp_import."""
-    import adsorbml.export as export
+    from adsorbml import export
 
     for gone in ("read_vasp_single_point", "count_vasp_steps", "DFTResult"):
         assert not hasattr(export, gone), gone
