@@ -39,7 +39,6 @@ from adsorbml.store import RunStore
 from adsorbml.summary import (
     PlacementEnergies,
     SystemAnswer,
-    format_answers,
     system_answer,
     write_summary,
 )
