@@ -121,10 +121,11 @@ class RunConfig:
         Atom budget of one batched relaxation call (None: relaxer default). Does not change
         results, only how many structures relax at once.
     references:
-        Gas references of the adsorption energies: ``"oc20"`` (published RPBE/VASP constants)
-        or ``"computed"`` (H2, H2O, CO, N2 relaxed with each side's calculator). None: ``"oc20"``
-        when the DFT is VASP (``dft_calculator "none"`` + export/import, or ASE's Vasp),
-        ``"computed"`` otherwise (EMT or another ASE calculator as the DFT), see
+        Gas references of the adsorption energies (:mod:`adsorbml.energies`): ``"oc20"``
+        (published RPBE/VASP constants), ``"computed"`` (H2, H2O, CO, N2 relaxed with each side's
+        calculator) or ``"dft"`` (relaxed with the DFT calculator, used for both sides). None:
+        ``"oc20"`` when the DFT is VASP (``dft_calculator "none"`` + export/import, or ASE's Vasp),
+        ``"dft"`` otherwise (EMT or another ASE calculator as the DFT), see
         :func:`adsorbml.energies.default_references`. Resolved when the run starts.
     ml_energy_convention:
         ``"referenced"`` or ``"total"``; None: the ML calculator's own
@@ -198,8 +199,8 @@ class RunConfig:
 
         if self.references is not None and self.references not in REFERENCE_CHOICES:
             raise InputError(f"references={self.references!r}; expected one of {list(REFERENCE_CHOICES)}")
-        if self.references == "computed" and dft.kind == "none":
-            raise InputError("references 'computed' needs a DFT calculator for the DFT-side gas references; "
+        if self.references in ("computed", "dft") and dft.kind == "none":
+            raise InputError(f"references '{self.references}' needs a DFT calculator for the DFT-side gas references; "
                              "VASP single points (--dft-calculator none, then adsorbml export/import) use 'oc20'")
         if self.ml_energy_convention is not None:
             self.ml_energy_convention = parse_convention(self.ml_energy_convention)

@@ -17,12 +17,21 @@ Their energies become adsorption energies (eV) per system (one slab, one adsorba
   slab (a ``dft_sp`` row with ``system_id = slab_id``, ``config_id = "slab"``); which one is
   recorded in every output (``dft_slab_reference``).
 
-Gas references (``RunConfig.references``): ``"oc20"`` — the published RPBE/VASP constants on
-both sides (right for VASP single points and models of VASP/RPBE totals); ``"computed"`` —
-H2, H2O, CO, N2 relaxed with each side's own calculator (the ML side only if the model gives
-total energies: a referenced model has no molecules' total energies to offer, so references are
-never computed with it). Default (:func:`default_references`): ``"computed"`` when the DFT is an
-in-process ASE calculator other than VASP (EMT, ...: the OC20 constants are not on its scale),
+Gas references (``RunConfig.references``):
+
+* ``"oc20"`` — the published RPBE/VASP constants on both sides (right for VASP single points
+  and for models of VASP/RPBE totals);
+* ``"computed"`` — H2, H2O, CO, N2 relaxed with each side's own calculator: the DFT side with the
+  DFT calculator, the ML side with the ML model (only for a total-energy model: a referenced model
+  has no molecules' total energies to offer, so references are never computed with it). A model
+  that cannot describe isolated molecules (the shipped toy model, trained on EMT slabs with
+  adsorbates, collapses H2) fails here with a message pointing to ``"dft"``;
+* ``"dft"`` — the molecules relaxed with the DFT calculator, used on both sides (a total-energy
+  model trained on that DFT is referenced like the DFT it reproduces, as OC20's constants serve
+  models of VASP totals).
+
+Default (:func:`default_references`): ``"dft"`` when the DFT is an in-process ASE calculator other
+than VASP (EMT, ...: the OC20 constants are not on its scale, and it works for every ML model);
 ``"oc20"`` when the DFT is VASP (``--dft-calculator none``, then ``adsorbml export`` /
 ``adsorbml import``, or an ASE Vasp calculator).
 
@@ -60,7 +69,7 @@ __all__ = [
     "system_offsets",
 ]
 
-REFERENCE_CHOICES: tuple[str, ...] = ("oc20", "computed")
+REFERENCE_CHOICES: tuple[str, ...] = ("oc20", "computed", "dft")
 DFT_SLAB_GROUND_TRUTH = "ground-truth DFT relaxation of the clean slab (slab_gt)"
 DFT_SLAB_SINGLE_POINT = "DFT single point on the ML-relaxed clean slab"
 _SCHEMA = "adsorbml-energy-scheme"
@@ -73,10 +82,10 @@ def is_vasp_calculator(calc: Any) -> bool:
 
 def default_references(dft_spec: str, dft_calc: Any | None) -> str:
     """``"oc20"`` if the DFT is VASP (no in-process DFT: ``adsorbml export``/``import``; or ASE's
-    Vasp calculator), else ``"computed"`` (EMT or any other ASE calculator)."""
+    Vasp calculator), else ``"dft"`` (molecules relaxed with EMT or whichever ASE calculator is the DFT)."""
     if dft_calc is None or is_vasp_calculator(dft_calc) or str(dft_spec).strip().lower() == "none":
         return "oc20"
-    return "computed"
+    return "dft"
 
 
 def _check_choice(references: str) -> str:
@@ -116,7 +125,16 @@ class EnergyScheme:
 
 
 def _computed(calc: Any, what: str) -> GasReferences:
-    return GasReferences.computed(calc, description=f"{what}: {type(calc).__name__}")
+    try:
+        return GasReferences.computed(calc, description=f"{what}: {type(calc).__name__}")
+    except Exception as exc:  # noqa: BLE001 - any failure of the model on a molecule: say what to do
+        if what != "ML":
+            raise
+        raise InputError(
+            f"references 'computed': relaxing the gas molecules (H2, H2O, CO, N2) with the ML model "
+            f"{type(calc).__name__} failed ({type(exc).__name__}: {exc}); a model trained without isolated "
+            "molecules cannot give them: use references 'dft' (the molecules relaxed with the DFT "
+            "calculator, for both sides) or 'oc20'") from exc
 
 
 def build_scheme(
@@ -128,9 +146,10 @@ def build_scheme(
 ) -> EnergyScheme:
     """The :class:`EnergyScheme` of a run with the resolved ``references`` and ``ml_convention``.
 
-    ``"computed"`` relaxes the four molecules with the DFT calculator (if any) and, for a
-    total-energy ML model, with the ML calculator; a stored scheme ``previous`` with the same
-    choices is reused instead (a resumed run keeps the references it started with).
+    ``"computed"`` relaxes the four molecules with the DFT calculator and, for a total-energy ML
+    model, with the ML calculator; ``"dft"`` with the DFT calculator only, used on both sides; a
+    stored scheme ``previous`` with the same choices is reused instead (a resumed run keeps the
+    references it started with).
     """
     references = _check_choice(references)
     ml_convention = parse_convention(ml_convention)
@@ -147,14 +166,19 @@ def build_scheme(
         return EnergyScheme(references, ml_convention, None if ml_convention == "referenced" else refs, refs)
     if dft_calc is None:
         raise InputError(
-            "references 'computed' needs a DFT calculator for the DFT-side gas references; VASP single "
+            f"references '{references}' needs a DFT calculator for the DFT-side gas references; VASP single "
             "points (--dft-calculator none, adsorbml export/import) use references 'oc20'")
     if is_vasp_calculator(dft_calc):
-        raise InputError("references 'computed' would relax the gas molecules with VASP in-process; "
+        raise InputError(f"references '{references}' would relax the gas molecules with VASP in-process; "
                          "use references 'oc20' (the OC20 RPBE/VASP constants)")
-    # a referenced model predicts E_ads-like energies: molecules relaxed with it give no total energies
-    ml_refs = None if ml_convention == "referenced" else _computed(ml_calc, "ML")
-    return EnergyScheme(references, ml_convention, ml_refs, _computed(dft_calc, "DFT"))
+    dft_refs = _computed(dft_calc, "DFT")
+    if ml_convention == "referenced":  # E_ads-like energies: molecules relaxed with it give no total energies
+        ml_refs = None
+    elif references == "dft":
+        ml_refs = dft_refs
+    else:
+        ml_refs = _computed(ml_calc, "ML")
+    return EnergyScheme(references, ml_convention, ml_refs, dft_refs)
 
 
 def resolve_ml_convention(override: str | None, ml_calc: Any) -> str:

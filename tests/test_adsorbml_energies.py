@@ -190,7 +190,7 @@ def test_energy_settings_are_checked_and_resolved():
     from adsorbml.workflow import resolve_energy_settings
 
     r = resolve_energy_settings(cfg, EMT(), EMT())
-    assert (r.references, r.ml_energy_convention) == ("computed", "total")
+    assert (r.references, r.ml_energy_convention) == ("dft", "total")
     r = resolve_energy_settings(dataclasses.replace(cfg, dft_calculator="none"), ReferencedEMT(0.0), None)
     assert (r.references, r.ml_energy_convention) == ("oc20", "referenced")
     r = resolve_energy_settings(dataclasses.replace(cfg, references="oc20", ml_energy_convention="total"),
@@ -208,6 +208,17 @@ def test_no_gas_references_are_computed_with_a_referenced_model():
 
     s = build_scheme("computed", "referenced", Exploding(0.0), EMT())
     assert s.ml_refs is None and s.dft_refs.name == "computed"
+    class Collapsing(EMT):  # a model that cannot describe isolated molecules (the shipped toy model)
+        def calculate(self, atoms=None, *a, **k):
+            if atoms is not None and not atoms.pbc.any():
+                raise InputError("atoms 0 and 1 are 0.0604 Å apart (minimum 0.1 Å)")
+            super().calculate(atoms, *a, **k)
+
+    with pytest.raises(InputError, match="references 'dft'") as info:
+        build_scheme("computed", "total", Collapsing(), EMT())
+    assert "0.0604" in str(info.value)
+    s = build_scheme("dft", "total", Collapsing(), EMT())  # molecules with the DFT only, both sides
+    assert s.ml_refs is s.dft_refs and s.dft_refs.calculator == "DFT: EMT"
     s = build_scheme("oc20", "total", EMT(), None)
     assert s.ml_refs.epsilon["O"] == -7.204 and s.dft_refs.epsilon["C"] == -7.282
     with pytest.raises(InputError, match="oc20"):

@@ -68,7 +68,7 @@ def test_tiny_ground_truth_run_outputs_export_and_metrics(tmp_path, capsys):
     assert len(gt) == 3 and st.count("slab_gt") == 1
     valid = [r.gt_energy for r in gt if r.anomaly == "ok"]
     # the files hold adsorption energies: EMT totals − E_EMT(ground-truth relaxed clean slab) − ε_O,
-    # ε_O = E(H2O) − E(H2) from EMT molecules (references "computed" by default with EMT as the DFT)
+    # ε_O = E(H2O) − E(H2) from EMT molecules (references "dft" by default with EMT as the DFT)
     from ase.build import molecule
     from ase.calculators.emt import EMT
     from ase.optimize import BFGS
@@ -83,7 +83,7 @@ def test_tiny_ground_truth_run_outputs_export_and_metrics(tmp_path, capsys):
     eps_o = mol["H2O"] - mol["H2"]
     slab_gt = st.get("slab_gt", "Pt111", "slab").gt_energy
     off = slab_gt + eps_o
-    assert st.config["references"] == "computed" and st.config["ml_energy_convention"] == "total"
+    assert st.config["references"] == "dft" and st.config["ml_energy_convention"] == "total"
     assert min(e for _, e in targets[sid]) == pytest.approx(min(valid) - off, abs=2e-3)
     energies = json.loads((out / "energies.json").read_text())
     assert energies["systems"][sid]["dft_slab_energy"] == pytest.approx(slab_gt, abs=1e-9)
