@@ -228,10 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--gt-fmax", type=float, help="ground-truth relaxation fmax (default 0.02 eV/Å)")
     r.add_argument("--gt-steps", type=int, help="ground-truth relaxation steps (default 300)")
     r.add_argument("--max-atoms", type=int, help="atoms per batched relaxation call (does not change results)")
-    r.add_argument("--references", choices=("oc20", "computed"),
+    r.add_argument("--references", choices=("oc20", "computed", "dft"),
                    help="gas references of E_ads: oc20 (RPBE/VASP constants; default with VASP, i.e. "
-                        "--dft-calculator none) or computed (H2, H2O, CO, N2 relaxed with each calculator; "
-                        "default with an in-process DFT such as emt)")
+                        "--dft-calculator none), computed (H2, H2O, CO, N2 relaxed with each side's calculator) "
+                        "or dft (relaxed with the DFT calculator, for both sides; default with an in-process "
+                        "DFT such as emt)")
     r.add_argument("--ml-energy-convention", choices=("referenced", "total"),
                    help="energy convention of the ML model (default: its metadata, else total)")
     r.add_argument("--continue-on-dft-error", action="store_true",
