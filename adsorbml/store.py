@@ -3,15 +3,22 @@
 Layout of ``<out_dir>/adsorbml.db`` (an ordinary ase.db; browse it with ``ase db``):
 
 * one row per (``stage``, ``system_id``, ``config_id``); every stage writes its rows through
-  :meth:`RunStore.write`, which checks for an existing row and inserts in **one SQLite
-  transaction**, so a row is either fully there or not at all and is never written twice;
+  :meth:`RunStore.write` / :meth:`RunStore.write_many`, which check for an existing row and
+  insert in **one SQLite transaction**, so a row is either fully there or not at all and is
+  never written twice;
 * searchable scalars in ``key_value_pairs``: ``stage``, ``system_id``, ``config_id``,
   ``run_id`` (which invocation of ``adsorbml run`` wrote it) and per stage e.g.
   ``converged``, ``nsteps``, ``ml_energy``, ``anomaly`` (``"ok"`` or the reasons);
 * arrays and provenance in ``data`` (placement site and rotation, slab info, ...);
 * ``metadata``: ``{"schema_version": 1, "fingerprint": {...}, "fingerprint_sha256": "...",
   "config": {...}, "runs": [...]}`` (``fingerprint``: the settings that determine the results,
-  see :meth:`RunStore.begin_run`).
+  see :meth:`RunStore.begin_run`);
+* one extra table, ``adsorbml_index(stage, system_id, config_id) -> id`` (primary key), kept
+  in the same transaction as each row (and by a trigger when ase.db deletes rows). It makes
+  the existence check, :meth:`~RunStore.get`, :meth:`~RunStore.done` and per-system
+  :meth:`~RunStore.rows` index lookups instead of scans over ase.db's key-value tables, and
+  its primary key makes a duplicate row impossible even with two writers. ase.db ignores the
+  table; a store written without it (older versions) is indexed once when opened.
 
 Stages (see :data:`STAGES`)::
 
@@ -23,33 +30,83 @@ Stages (see :data:`STAGES`)::
     dft_sp       DFT single point on an ML-relaxed top-k placement (+ dft_energy, ionic_steps)
     gt           DFT-relaxed placement, the ground truth (+ gt_energy, nsteps, anomaly)
 
-Crash safety: relaxations are written one by one from ``relax_batch``'s ``on_result``
-callback as soon as each finishes; SQLite's journal rolls back a transaction interrupted by
-``kill -9``. ase.db's own lock *file* is disabled (``use_lock_file=False``): a killed process
-would leave it behind and the next run would wait forever; SQLite's locking is enough for the
-single writer (plus any number of readers) this store is designed for.
+Crash safety (``kill -9``) and group commit: relaxations are written one by one from
+``relax_batch``'s ``on_result`` callback as soon as each finishes. :meth:`RunStore.write` is
+atomic (existence check + row + index entry; a half-written row never exists) and is
+committed by a **group commit**: at the latest when 50 rows are pending or 0.5 s after the
+write (a timer thread commits a quiet batch; ``batch_rows`` / ``batch_seconds``), and before
+any metadata write, :meth:`~RunStore.flush`, :meth:`~RunStore.close`, another ``RunStore``
+of the same file opened in this process, and interpreter exit. So a ``kill -9`` loses at
+most the last 0.5 s / 50 results, which a resumed run simply redoes; everything committed
+is consistent. Events (:meth:`~RunStore.log_event`) logged while rows are pending are
+written right after those rows are committed, so ``events.jsonl`` never reports a finished
+result the store lost. ``batch_rows=1`` commits every write before it returns.
+The file is in SQLite's WAL journal mode with ``synchronous=NORMAL``: a commit appends to
+``adsorbml.db-wal`` without an fsync; this survives a killed process completely, and an
+operating-system crash or power loss can drop the last commits but not corrupt the file.
+``RunStore(..., journal_mode="delete")`` keeps the classic rollback journal (for network file
+systems, where WAL is not supported). New files are created without ase.db's optional
+key-value indexes (``create_indices=False``; each per-row commit would rewrite ~40 index
+pages; ``ase db`` queries still work, by scanning). Throughput: ``benchmarks/adsorbml_store.py``.
+ase.db's own lock *file* is disabled (``use_lock_file=False``): a killed process would leave
+it behind and the next run would wait forever; SQLite's locking is enough for the single
+writer (plus any number of readers) this store is designed for.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import sqlite3
+import threading
 import time
+import weakref
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 from ase import Atoms
 from ase.db import connect
 from ase.db.row import AtomsRow
 
+from adsorbml.asedb_rows import ASE_DB_VERSION, insert_row
 from adsorbml.errors import AdsorbMLError
 
-__all__ = ["RunStore", "StoreError", "SCHEMA_VERSION", "DB_NAME", "STAGES"]
+__all__ = ["DB_NAME", "SCHEMA_VERSION", "STAGES", "RunStore", "StoreError"]
 
 SCHEMA_VERSION = 1
 DB_NAME = "adsorbml.db"
 STAGES: tuple[str, ...] = ("slab", "slab_ml", "slab_gt", "placement", "ml", "dft_sp", "gt")
+
+_INDEX_DDL = (
+    """CREATE TABLE IF NOT EXISTS adsorbml_index (
+    stage TEXT NOT NULL, system_id TEXT NOT NULL, config_id TEXT NOT NULL, id INTEGER NOT NULL UNIQUE,
+    PRIMARY KEY (stage, system_id, config_id))""",
+    """CREATE TRIGGER IF NOT EXISTS adsorbml_index_delete AFTER DELETE ON systems
+    BEGIN DELETE FROM adsorbml_index WHERE id = old.id; END""",
+)
+# (stage, system_id, config_id) of every ase.db row, pivoted from ase.db's text key-value table
+_INDEX_REBUILD = """INSERT OR IGNORE INTO adsorbml_index (stage, system_id, config_id, id)
+SELECT st, sy, co, id FROM (
+  SELECT id, MAX(CASE WHEN key = 'stage' THEN value END) AS st, MAX(CASE WHEN key = 'system_id' THEN value END) AS sy,
+         MAX(CASE WHEN key = 'config_id' THEN value END) AS co
+  FROM text_key_values WHERE key IN ('stage', 'system_id', 'config_id') GROUP BY id)
+WHERE st IS NOT NULL AND sy IS NOT NULL AND co IS NOT NULL ORDER BY id"""
+
+
+_OPEN: weakref.WeakSet[RunStore] = weakref.WeakSet()  # this process's stores (see RunStore.__init__)
+
+
+@atexit.register
+def _flush_all() -> None:
+    for st in list(_OPEN):
+        try:
+            st.flush()
+        except Exception:  # noqa: BLE001, S110 - best effort at interpreter exit
+            pass
 
 
 class StoreError(AdsorbMLError):
@@ -78,22 +135,78 @@ class RunStore:
         Output directory (created if missing); the database is ``<directory>/adsorbml.db``.
     create:
         If False, a missing database is an error (for commands that read a finished run).
+    batch_rows, batch_seconds:
+        Group commit of :meth:`write`: a row is committed at the latest when ``batch_rows``
+        rows are pending or ``batch_seconds`` after it was written (a timer thread commits a
+        quiet batch), and whenever the store writes metadata, reads with ase.db, closes or the
+        interpreter exits. ``batch_rows=1``: every write commits before it returns.
+    journal_mode:
+        SQLite journal mode set on the file (``"wal"``; ``"delete"`` for network file systems).
     """
 
-    def __init__(self, directory: str | os.PathLike, create: bool = True) -> None:
+    def __init__(self, directory: str | os.PathLike, create: bool = True, *, batch_rows: int = 50,
+                 batch_seconds: float = 0.5, journal_mode: str = "wal") -> None:
         self.directory = Path(directory)
         self.path = self.directory / DB_NAME
         if not self.path.exists():
             if not create:
                 raise FileNotFoundError(f"no AdsorbML store {self.path} (run `adsorbml run` first)")
             self.directory.mkdir(parents=True, exist_ok=True)
-        self._db = connect(str(self.path), type="db", use_lock_file=False)
+        for other in list(_OPEN):  # another store of this file in this process: its rows first
+            if other.path == self.path:
+                other.flush()
+        self._db = connect(str(self.path), type="db", use_lock_file=False, create_indices=False)
+        with self._db.managed_connection():  # creates ase.db's tables in a new file
+            pass
         md = self.metadata
         if md and md.get("schema_version") != SCHEMA_VERSION:
             raise StoreError(
                 f"{self.path} has schema_version {md.get('schema_version')!r}; this version reads "
                 f"{SCHEMA_VERSION}. Use a new output directory."
             )
+        # one connection for this store's writes and index lookups, in autocommit mode: every
+        # transaction is an explicit BEGIN IMMEDIATE ... COMMIT (see transaction())
+        self._con = sqlite3.connect(str(self.path), timeout=60, isolation_level=None, check_same_thread=False)
+        self._lock = threading.RLock()
+        self._depth = 0  # nesting of transaction()
+        self._pending = 0  # rows written but not committed
+        self._pending_since = 0.0
+        self._events: list[str] = []  # event lines held back until their rows are committed
+        self._timer: threading.Timer | None = None
+        self.batch_rows, self.batch_seconds = max(1, int(batch_rows)), float(batch_seconds)
+        try:
+            if journal_mode:
+                self._con.execute(f"PRAGMA journal_mode={journal_mode}")
+            self._con.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.OperationalError:  # another process holds the file: keep its journal mode
+            pass
+        self._fast = self._db.version == ASE_DB_VERSION
+        ext = [r[0] for r in self._con.execute("SELECT value FROM information WHERE name = 'external_table_name'")]
+        if not ext:  # ase.db would open a connection per row read just to learn there are none
+            self._db._get_external_table_names = lambda db_con=None: []
+        with self.transaction():
+            for ddl in _INDEX_DDL:
+                self._con.execute(ddl)
+            n_index = self._con.execute("SELECT COUNT(*) FROM adsorbml_index").fetchone()[0]
+            if n_index != self._con.execute("SELECT COUNT(*) FROM systems").fetchone()[0]:
+                self._con.execute(_INDEX_REBUILD)  # a store from an older version (or foreign rows)
+        _OPEN.add(self)
+
+    def close(self) -> None:
+        """Commit what is pending and close the write connection (also done when the object is
+        garbage-collected)."""
+        if getattr(self, "_con", None) is None:
+            return
+        with self._lock:
+            self.flush()
+            self._con.close()
+            self._con = None
+
+    def __del__(self) -> None:  # pragma: no cover - interpreter shutdown order varies
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001, S110
+            pass
 
     # ------------------------------------------------------------------ metadata
 
@@ -105,6 +218,7 @@ class RunStore:
         return dict(connect(str(self.path), type="db", use_lock_file=False).metadata)
 
     def _set_metadata(self, md: Mapping[str, Any]) -> None:
+        self.flush()  # ase.db writes through its own connection, which waits for ours
         self._db.metadata = json.loads(json.dumps(md))  # plain JSON types only
 
     @property
@@ -163,16 +277,27 @@ class RunStore:
         """Append one JSON line (flushed and fsync'ed) to :attr:`events_path`.
 
         The log is an audit trail independent of the database (e.g. which relaxations each
-        run started and finished); the database stays the source of truth for results.
+        run started and finished); the database stays the source of truth for results. While
+        rows are pending (group commit), events wait for them: an event is never on disk
+        before the rows written ahead of it (a ``finish`` is never logged for a lost row).
         """
         event.setdefault("time", time.time())
-        with open(self.events_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(event) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        with self._lock:
+            self._events.append(json.dumps(event) + "\n")
+            if not self._pending:  # else written right after the pending rows are committed
+                self._write_events()
+
+    def _write_events(self) -> None:
+        lines, self._events = self._events, []
+        if lines:
+            with open(self.events_path, "a", encoding="utf-8") as f:
+                f.write("".join(lines))
+                f.flush()
+                os.fsync(f.fileno())
 
     def events(self) -> list[dict]:
         """All events of :attr:`events_path` (a torn last line from a crash is skipped)."""
+        self.flush()
         if not self.events_path.exists():
             return []
         out = []
@@ -190,6 +315,103 @@ class RunStore:
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}; valid: {', '.join(STAGES)}")
 
+    def _begin(self) -> None:
+        if not self._con.in_transaction:
+            self._con.execute("BEGIN IMMEDIATE")
+
+    def flush(self) -> None:
+        """Commit the pending rows (then write the events held back for them). Inside
+        :meth:`transaction` this does nothing; the block commits when it exits."""
+        with self._lock:
+            if self._depth or self._con is None:
+                return
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if self._con.in_transaction:
+                try:
+                    self._con.execute("COMMIT")
+                except BaseException:
+                    if self._con.in_transaction:
+                        self._con.execute("ROLLBACK")
+                    self._pending, self._events = 0, []
+                    raise
+            self._pending = 0
+            self._write_events()
+
+    def _after_write(self, written: bool) -> None:
+        """Group commit: commit now, or make sure the timer will."""
+        if self._depth:
+            return
+        if written and not self._pending:
+            self._pending_since = time.monotonic()
+        self._pending += written
+        if not self._pending or self._pending >= self.batch_rows or \
+                time.monotonic() - self._pending_since >= self.batch_seconds:
+            self.flush()
+        elif self._timer is None:
+            self._timer = threading.Timer(self.batch_seconds, self._on_timer)  # not a daemon: exit waits for it
+            self._timer.start()
+
+    def _on_timer(self) -> None:
+        with self._lock:
+            self._timer = None
+            if self._pending and self._con is not None:
+                if self._depth:  # a transaction() block is open: it commits at its end
+                    return
+                self.flush()
+
+    @contextmanager
+    def transaction(self) -> Iterator[RunStore]:
+        """Group writes into one all-or-nothing unit: committed (with anything pending) when the
+        outermost ``with`` exits, rolled back if it raises (rows written before the block are
+        kept). Nested blocks are savepoints of the outer one."""
+        with self._lock:
+            self._begin()
+            name = f"adsorbml_txn{self._depth}"
+            self._con.execute(f"SAVEPOINT {name}")
+            self._depth += 1
+            try:
+                yield self
+            except BaseException:
+                self._depth -= 1
+                self._con.execute(f"ROLLBACK TO {name}")
+                self._con.execute(f"RELEASE {name}")
+                if not self._depth and not self._pending:
+                    self._con.execute("ROLLBACK")
+                raise
+            self._depth -= 1
+            self._con.execute(f"RELEASE {name}")
+            if not self._depth:
+                self.flush()
+
+    def _find(self, stage: str, system_id: str, config_id: str) -> int | None:
+        r = self._con.execute("SELECT id FROM adsorbml_index WHERE stage = ? AND system_id = ? AND config_id = ?",
+                              (stage, system_id, config_id)).fetchone()
+        return None if r is None else r[0]
+
+    def _insert(self, stage: str, system_id: str, config_id: str, atoms: Atoms,
+                key_value_pairs: Mapping[str, Any] | None, data: Mapping[str, Any] | None) -> tuple[int, bool]:
+        """Existence check + insert, inside the caller's transaction."""
+        self._check_stage(stage)
+        sid, cid = str(system_id), str(config_id)
+        existing = self._find(stage, sid, cid)
+        if existing is not None:
+            return existing, False
+        kvp = {k: _kvp_value(v) for k, v in (key_value_pairs or {}).items() if v is not None}
+        kvp.update(stage=stage, system_id=sid, config_id=cid)
+        if self._fast:
+            rid = insert_row(self._con, atoms, kvp, dict(data or {}))
+        else:  # another ase.db file format: let ase.db write it, through this transaction
+            self._db.connection, self._db.change_count = self._con, 0
+            try:
+                rid = self._db.write(atoms, key_value_pairs=kvp, data=dict(data or {}))
+            finally:
+                self._db.connection = None
+        self._con.execute("INSERT INTO adsorbml_index (stage, system_id, config_id, id) VALUES (?, ?, ?, ?)",
+                          (stage, sid, cid, rid))
+        return rid, True
+
     def write(
         self,
         stage: str,
@@ -199,57 +421,76 @@ class RunStore:
         key_value_pairs: Mapping[str, Any] | None = None,
         data: Mapping[str, Any] | None = None,
     ) -> tuple[int, bool]:
-        """Insert the row (stage, system_id, config_id) unless it exists, in one transaction.
+        """Insert the row (stage, system_id, config_id) unless it exists (check and insert are
+        atomic), committed by the group commit (see the class docstring: within
+        ``batch_seconds`` or ``batch_rows`` rows; call :meth:`flush` to commit now).
 
         Returns ``(row id, written)``; ``written`` is False if the row was already there (it
         is then left unchanged: a finished result is never overwritten).
         """
-        self._check_stage(stage)
-        kvp = {k: _kvp_value(v) for k, v in (key_value_pairs or {}).items() if v is not None}
-        kvp.update(stage=stage, system_id=str(system_id), config_id=str(config_id))
-        with self._db as db:  # one connection, committed at exit, rolled back on error
-            existing = [r.id for r in db.select(stage=stage, system_id=str(system_id), config_id=str(config_id))]
-            if existing:
-                return existing[0], False
-            rid = db.write(atoms, key_value_pairs=kvp, data=dict(data or {}))
-        return rid, True
+        with self._lock:
+            self._begin()
+            self._con.execute("SAVEPOINT adsorbml_write")
+            try:
+                rid, written = self._insert(stage, system_id, config_id, atoms, key_value_pairs, data)
+            except BaseException:
+                self._con.execute("ROLLBACK TO adsorbml_write")
+                self._con.execute("RELEASE adsorbml_write")
+                if not self._depth and not self._pending:
+                    self._con.execute("ROLLBACK")
+                raise
+            self._con.execute("RELEASE adsorbml_write")
+            self._after_write(written)
+            return rid, written
 
     def write_many(self, rows: list[tuple[str, str, str, Atoms, Mapping[str, Any], Mapping[str, Any]]]) -> int:
         """Insert several rows ``(stage, system_id, config_id, atoms, kvp, data)`` in one
         transaction (all or nothing); rows that already exist are skipped. Returns the number
         written."""
-        n = 0
-        with self._db as db:
-            for stage, sid, cid, atoms, kvp, data in rows:
-                self._check_stage(stage)
-                if db.count(stage=stage, system_id=str(sid), config_id=str(cid)):
-                    continue
-                k = {kk: _kvp_value(v) for kk, v in (kvp or {}).items() if v is not None}
-                k.update(stage=stage, system_id=str(sid), config_id=str(cid))
-                db.write(atoms, key_value_pairs=k, data=dict(data or {}))
-                n += 1
-        return n
+        with self.transaction():
+            return sum(self._insert(*row)[1] for row in rows)
+
+    def _to_row(self, values: tuple) -> AtomsRow:
+        return self._db._convert_tuple_to_row(values)
+
+    def _rows_where(self, where: str, args: tuple) -> Iterator[AtomsRow]:
+        with self._lock:
+            rows = self._con.execute(
+                f"SELECT systems.* FROM adsorbml_index JOIN systems ON systems.id = adsorbml_index.id WHERE {where} "
+                f"ORDER BY adsorbml_index.id", args).fetchall()  # no cursor stays open across yields
+        for values in rows:
+            yield self._to_row(values)
 
     def get(self, stage: str, system_id: str, config_id: str) -> AtomsRow | None:
         """The row, or None if that stage has not finished for it."""
         self._check_stage(stage)
-        for row in self._db.select(stage=stage, system_id=str(system_id), config_id=str(config_id)):
+        for row in self._rows_where("stage = ? AND system_id = ? AND config_id = ?",
+                                    (stage, str(system_id), str(config_id))):
             return row
         return None
 
     def rows(self, stage: str, system_id: str | None = None) -> Iterator[AtomsRow]:
         """All rows of a stage (optionally of one system), in insertion order."""
         self._check_stage(stage)
-        kw: dict[str, Any] = {"stage": stage}
-        if system_id is not None:
-            kw["system_id"] = str(system_id)
-        yield from self._db.select(sort="id", **kw)
+        if system_id is None:
+            yield from self._rows_where("stage = ?", (stage,))
+        else:
+            yield from self._rows_where("stage = ? AND system_id = ?", (stage, str(system_id)))
 
     def done(self, stage: str) -> set[tuple[str, str]]:
-        """``{(system_id, config_id)}`` of the finished rows of a stage."""
-        return {(r.system_id, r.config_id) for r in self.rows(stage)}
+        """``{(system_id, config_id)}`` of the finished rows of a stage (from the index: one
+        query, no atoms read)."""
+        self._check_stage(stage)
+        with self._lock:
+            return set(self._con.execute("SELECT system_id, config_id FROM adsorbml_index WHERE stage = ?", (stage,)))
 
     def count(self, stage: str, **selection: Any) -> int:
         """Number of rows of a stage matching extra key=value selections (e.g. ``run_id=1``)."""
         self._check_stage(stage)
+        if set(selection) <= {"system_id", "config_id"}:
+            where = " AND ".join(["stage = ?"] + [f"{k} = ?" for k in selection])
+            with self._lock:
+                return self._con.execute(f"SELECT COUNT(*) FROM adsorbml_index WHERE {where}",
+                                         (stage, *map(str, selection.values()))).fetchone()[0]
+        self.flush()  # ase.db reads through its own connection
         return self._db.count(stage=stage, **selection)
