@@ -17,7 +17,7 @@ from ase.io import read, write
 
 from eqv2_calc.checkpoint import load_model
 from eqv2_calc.errors import InputError
-from eqv2_calc.model import EquiformerV2, EquiformerV2Config
+from eqv2_calc.model import EquiformerV2
 from eqv2_calc.train import GraphDataset, TrainConfig, energy_force_loss, read_frames, train
 from eqv2_calc.relax.constraints import fixed_atoms
 from eqv2_calc.train.dataset import collate, fit_element_references, frame_from_atoms

@@ -293,7 +293,6 @@ def train(
     right after a checkpoint (``checkpoint.pt`` + ``resume.pt`` written, no ``final.pt``, no
     final evaluation); a later call continues the same schedule.
     """
-    from tqdm.auto import tqdm
 
     if not cfg.train:
         raise InputError("no training data given (TrainConfig.train)")

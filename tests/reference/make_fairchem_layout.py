@@ -117,7 +117,6 @@ def _same_results(ckpt: dict, path: tuple, atoms, workdir: str, e0, f0, replace=
 
 
 def required_entries(path: str, atoms, workdir: str) -> list[dict]:
-    import numpy as np
     import torch
 
     e0, f0 = _evaluate(path, atoms)
