@@ -8,13 +8,24 @@ only imported by the stages that use them):
 * :mod:`adsorbml.adsorbates` — built-in adsorbate table and binding atoms.
 * :mod:`adsorbml.placements` — heuristic and random placements, seeded.
 * :mod:`adsorbml.anomalies` — desorption, dissociation, surface change, intercalation.
-* :mod:`adsorbml.export` — ranking, VASP/extxyz top-k export, VASP import.
-* :mod:`adsorbml.metrics` — OC20-Dense formats, success@k, speedup.
-* :mod:`adsorbml.pipeline` — one system end to end in memory (``run_system``).
-* :mod:`adsorbml.store` — the resumable ase.db store of a run directory.
-* :mod:`adsorbml.workflow` — ``run_workflow``: the resumable run (many systems, ground truth,
-  OC20-Dense output files, plots), ``export_run``.
-* :mod:`adsorbml.cli` — ``adsorbml run | export | metrics | demo`` (entry point ``adsorbml.cli:main``).
+* :mod:`adsorbml.ranking` — ML-relaxed placements (``MLResult``) and their ranking.
+* :mod:`adsorbml.references`, :mod:`adsorbml.energies` — gas references, energy conventions,
+  adsorption energies.
+* :mod:`adsorbml.config` — run settings (``RunConfig``, ``SlabSpec``).
+* :mod:`adsorbml.calculators` — ML and DFT calculators from their names.
+* :mod:`adsorbml.store`, :mod:`adsorbml.records` — the resumable ase.db store of a run
+  directory, and its rows ↔ domain objects.
+* :mod:`adsorbml.stages` — the stages: slabs, placements, relaxations with verdicts, single points.
+* :mod:`adsorbml.workflow` — ``run_workflow``: the one orchestrator of the stages (``adsorbml run``).
+* :mod:`adsorbml.pipeline` — ``run_system``: one system from Python, through ``run_workflow``.
+* :mod:`adsorbml.single_points` — in-process DFT single points with any ASE calculator.
+* :mod:`adsorbml.results`, :mod:`adsorbml.summary` — a system's results in adsorption energies
+  and its answer (lowest E_ads).
+* :mod:`adsorbml.outputs`, :mod:`adsorbml.plots` — the output files of a run directory.
+* :mod:`adsorbml.export`, :mod:`adsorbml.vasp_import`, :mod:`adsorbml.dft_import` — top-k VASP
+  inputs, and finished VASP single points read back into a run.
+* :mod:`adsorbml.metrics`, :mod:`adsorbml.formats` — success@k, speedup; the OC20-Dense files.
+* :mod:`adsorbml.cli` — ``adsorbml run | export | import | metrics | demo`` (entry point ``adsorbml.cli:main``).
 
 Units: energies eV, lengths Å, forces eV/Å.
 """

@@ -28,7 +28,7 @@ from ase.db.core import object_to_bytes, str_represents
 from ase.db.sqlite import SQLite3Database
 from ase.io.jsonio import encode
 
-__all__ = ["ASE_DB_VERSION", "insert_row"]
+__all__ = ["ASE_DB_VERSION", "delete_row", "insert_row", "key_value"]
 
 ASE_DB_VERSION = 9  # the ase.db file format insert_row writes
 _blob = SQLite3Database.blob
@@ -137,3 +137,23 @@ def insert_row(con: sqlite3.Connection, atoms: Atoms, kvp: dict, data: Mapping[s
                     [(k, float(v), rid) for k, v in kvp.items() if not isinstance(v, str)])
     cur.executemany("INSERT INTO keys VALUES (?, ?)", [(k, rid) for k in kvp])
     return rid
+
+
+def delete_row(con: sqlite3.Connection, row_id: int) -> None:
+    """Delete row ``row_id`` from every ase.db table (as ase.db's ``delete`` does), inside the
+    caller's transaction."""
+    for table in ("number_key_values", "text_key_values", "keys", "species", "systems"):
+        con.execute(f"DELETE FROM {table} WHERE id = ?", (row_id,))
+
+
+def key_value(v: Any) -> Any:
+    """ase.db accepts bool/int/float/str key values; numpy scalars become Python ones."""
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    if isinstance(v, (int, np.integer)):
+        return int(v)
+    if isinstance(v, (float, np.floating)):
+        return float(v)
+    if isinstance(v, str):
+        return v
+    raise TypeError(f"key value {v!r} must be bool, int, float or str")

@@ -24,7 +24,8 @@ from eqv2_calc.errors import Eqv2Error
 
 
 def _metrics(args: argparse.Namespace) -> int:
-    from adsorbml.metrics import format_table, metrics_table, read_compute, read_results, read_targets
+    from adsorbml.formats import read_compute, read_results, read_targets
+    from adsorbml.metrics import format_table, metrics_table
 
     targets = read_targets(args.targets)
     results = read_results(args.results)
@@ -148,7 +149,7 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from adsorbml.workflow import export_run
+    from adsorbml.export import export_run
 
     paths = export_run(args.run_dir, args.out, args.k, vasp=not args.no_vasp)
     print(f"exported {len(paths)} VASP single-point directories (clean slabs + top k; top_k.extxyz per system); "

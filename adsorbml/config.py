@@ -10,22 +10,27 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
+
+import numpy as np
+from ase import Atoms
 
 from adsorbml.adsorbates import as_adsorbate
 from adsorbml.anomalies import ALL_CHECKS, DEFAULT_CHECKS
 from adsorbml.calculators import _parse_calculator
 from adsorbml.errors import InputError
+from adsorbml.inputs import SlabRecord
 
 __all__ = ["RunConfig", "SlabSpec", "load_config"]
 
 
 @dataclass
 class SlabSpec:
-    """One slab source: a structure ``file`` (any format ase.io reads) **or** a ``bulk``
-    (element symbol for ``ase.build.bulk``, or a file) with a ``miller`` index.
+    """One slab source: a structure ``file`` (any format ase.io reads), **or** a ``bulk``
+    (element symbol for ``ase.build.bulk``, or a file) with a ``miller`` index, **or** an
+    in-memory prepared slab ``record`` (Python API only, see :meth:`of`).
 
     ``slab_id`` names a file slab (default: file stem); ``max_slabs`` limits the number of
     terminations taken from a bulk (default 1, the first in pymatgen's order).
@@ -36,6 +41,15 @@ class SlabSpec:
     miller: tuple[int, int, int] | None = None
     slab_id: str | None = None
     max_slabs: int = 1
+    record: SlabRecord | None = None
+
+    @classmethod
+    def of(cls, record: SlabRecord) -> "SlabSpec":
+        """A prepared slab (:func:`adsorbml.inputs.prepare_slab`) as a slab source. The run
+        records its id and a hash of its structure, so resuming with another slab is refused."""
+        if not isinstance(record, SlabRecord):
+            raise InputError(f"expected an adsorbml.inputs.SlabRecord (see prepare_slab), got {type(record).__name__}")
+        return cls(slab_id=record.slab_id, record=record)
 
     @classmethod
     def parse(cls, spec: "str | Mapping[str, Any] | SlabSpec") -> "SlabSpec":
@@ -62,7 +76,7 @@ class SlabSpec:
         raise InputError(f"slab spec must be a string BULK:HKL or a dict, got {type(spec).__name__}")
 
     def check(self) -> None:
-        if (self.file is None) == (self.bulk is None):
+        if sum(x is not None for x in (self.file, self.bulk, self.record)) != 1:
             raise InputError("a slab needs exactly one of 'file' or 'bulk' (+ 'miller')")
         if self.bulk is not None and self.miller is None:
             raise InputError(f"bulk {self.bulk!r} needs a Miller index")
@@ -70,10 +84,24 @@ class SlabSpec:
             raise InputError(f"max_slabs must be >= 1, got {self.max_slabs}")
 
     def to_dict(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if v is not None}
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "record"}
+        d = {k: v for k, v in d.items() if v is not None}
         if self.miller is not None:
             d["miller"] = list(self.miller)
+        if self.record is not None:
+            d["structure_sha256"] = structure_hash(self.record.atoms)
         return d
+
+
+def structure_hash(atoms: Atoms) -> str:
+    """sha256 of numbers, positions (rounded to 1e-8 Å), cell, pbc and tags of ``atoms``."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for arr in (atoms.numbers, np.round(atoms.positions, 8), np.round(np.asarray(atoms.cell), 8), atoms.pbc,
+                atoms.get_tags()):
+        h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
 
 
 def _parse_miller(hkl: Any) -> tuple[int, int, int]:

@@ -1,4 +1,5 @@
-"""Ranking of ML-relaxed placements and top-k export for DFT.
+"""Top-k export for DFT: VASP inputs (pymatgen.io.vasp) and extxyz of the ranked placements
+(ranking: :mod:`adsorbml.ranking`).
 
 Finished VASP single points are read back by :mod:`adsorbml.vasp_import` (``adsorbml import``);
 in-process single points are :mod:`adsorbml.single_points`.
@@ -29,10 +30,8 @@ cell rows as in ``calculate_surface_k_points``.
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,19 +40,19 @@ from ase import Atoms
 from ase.io import write
 
 from adsorbml.errors import InputError
-from adsorbml.single_points import run_single_points
+from adsorbml.ranking import MLResult, rank_valid
+from adsorbml.records import ml_result
+from adsorbml.store import RunStore
 from eqv2_calc.io import atomic_write, atomic_write_text, copy_with_results
 
 __all__ = [
     "OC20_VASP_FLAGS",
     "SINGLE_POINT_FLAGS",
-    "MLResult",
+    "export_run",
     "export_top_k",
     "incar_text",
     "kpoints_text",
     "poscar_text",
-    "rank_valid",
-    "run_single_points",
     "surface_kpoints",
     "write_vasp_inputs",
 ]
@@ -75,46 +74,6 @@ OC20_VASP_FLAGS: dict[str, Any] = {
 }
 SINGLE_POINT_FLAGS: dict[str, Any] = {"NSW": 0, "NELM": 300}
 KPOINT_MULTIPLIER = 40.0  # Å
-
-
-@dataclass
-class MLResult:
-    """One ML-relaxed placement.
-
-    Attributes
-    ----------
-    config_id:
-        Placement id (``"heur0"``, ``"rand12"``).
-    atoms:
-        Relaxed adslab (Å; tags 0/1/2).
-    ml_energy:
-        ML energy of ``atoms`` (eV); the quantity ranked on.
-    anomaly:
-        ``"ok"`` or the anomalous checks, comma-separated (see :mod:`adsorbml.anomalies`).
-    converged:
-        Whether the relaxation reached fmax.
-    """
-
-    config_id: str
-    atoms: Atoms
-    ml_energy: float
-    anomaly: str = "ok"
-    converged: bool = True
-    info: dict = field(default_factory=dict)
-
-
-def rank_valid(results: Iterable[MLResult], k: int | None = None) -> list[MLResult]:
-    """Non-anomalous results with a finite ML energy, ascending in energy (ties by config_id).
-
-    Non-converged relaxations are kept (AdsorbML uses the last frame). Returns at most ``k``.
-    """
-    valid = [r for r in results if r.anomaly == "ok" and math.isfinite(float(r.ml_energy))]
-    valid.sort(key=lambda r: (float(r.ml_energy), r.config_id))
-    if k is not None:
-        if k < 1:
-            raise InputError(f"k must be >= 1, got {k}")
-        valid = valid[:k]
-    return valid
 
 
 def _right_handed(atoms: Atoms) -> Atoms:
@@ -220,4 +179,33 @@ def export_top_k(
             for r in top:
                 paths.append(write_vasp_inputs(r.atoms, sdir / r.config_id, single_point=True, **incar))
     atomic_write_text(out / "paths.txt", "".join(f"{p}\n" for p in paths))
+    return paths
+
+
+def export_run(
+    run_dir: str | os.PathLike, out: str | os.PathLike | None = None, k: int | None = None, vasp: bool = True,
+) -> list[Path]:
+    """Top-k VASP inputs + extxyz of a finished (or partial) run, from its store.
+
+    Writes to ``out`` (default ``<run_dir>/export``); ``k`` defaults to the run's k.
+    With ``vasp``, each ML-relaxed clean slab is exported too, as ``<out>/<slab_id>/slab``
+    (its single point is the DFT clean-slab energy of E_ads(ML+DFT); ``adsorbml import`` maps it
+    back). Returns the VASP calculation directories, clean slabs first (also in ``paths.txt``;
+    see :func:`adsorbml.export.export_top_k`).
+    """
+    store = RunStore(run_dir, create=False)
+    cfg = store.config or {}
+    k = int(k if k is not None else cfg.get("k", 5))
+    ranked: dict[str, list[MLResult]] = {}
+    for row in store.rows("ml"):
+        ranked.setdefault(row.system_id, []).append(ml_result(row))
+    if not ranked:
+        raise InputError(f"{store.path} has no finished ML relaxations yet")
+    dest = Path(out) if out is not None else store.directory / "export"
+    paths = export_top_k(ranked, dest, k=k, vasp=vasp)
+    if vasp:
+        slabs = [write_vasp_inputs(r.toatoms(), dest / r.system_id / "slab", single_point=True)
+                 for r in store.rows("slab_ml")]
+        paths = slabs + paths
+        atomic_write_text(dest / "paths.txt", "".join(f"{p}\n" for p in paths))
     return paths

@@ -1,61 +1,56 @@
-"""One AdsorbML system end to end, in memory: placements → batched ML relaxation → anomaly
-filter → ranking → (optional) single points on the top k with any ASE calculator.
+"""One AdsorbML system from Python: a thin use of :func:`adsorbml.workflow.run_workflow`.
 
-For many systems, persistence and resume after a crash, use :func:`adsorbml.workflow.run_workflow`
-(``adsorbml run``), which runs the same stages through the ase.db store.
+:func:`run_system` runs the same stages as ``adsorbml run`` (placements → batched ML
+relaxation with anomaly verdicts → top-k single points → outputs) for one prepared slab and
+one adsorbate, with calculator objects, and returns the system's results in adsorption
+energies. The run lives in ``out_dir`` (resumable, as any run directory) or, without one, in a
+temporary directory that is removed afterwards.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 from ase import Atoms
 
 from adsorbml.adsorbates import Adsorbate, as_adsorbate
-from adsorbml.anomalies import DEFAULT_CHECKS, detect_anomalies
-from adsorbml.export import MLResult, rank_valid
+from adsorbml.anomalies import DEFAULT_CHECKS
+from adsorbml.config import RunConfig, SlabSpec
+from adsorbml.errors import InputError
 from adsorbml.inputs import SlabRecord
-from adsorbml.placements import Placement, generate_placements
-from adsorbml.single_points import SinglePoint, run_single_points
+from adsorbml.results import SystemResults, energy_scheme, system_results
+from adsorbml.store import RunStore
+from adsorbml.workflow import RunSummary, run_workflow
 
-__all__ = ["SystemResult", "run_system", "ADSORBML_FMAX", "ADSORBML_STEPS"]
+__all__ = ["ADSORBML_FMAX", "ADSORBML_STEPS", "SystemRun", "calculator_label", "run_system"]
 
 ADSORBML_FMAX = 0.02  # eV/Å
 ADSORBML_STEPS = 300
 
 
 @dataclass
-class SystemResult:
-    """Everything computed for one adsorbate+slab system.
+class SystemRun:
+    """:func:`run_system`'s answer: ``results`` (adsorption energies, the answer, per-placement
+    data; raw ML energies in ``results.ml``), the ML-relaxed clean slab, and the run's summary
+    (``summary.out_dir`` is gone when no ``out_dir`` was given)."""
 
-    ``ml`` has one :class:`MLResult` per placement (input order); ``ranked`` the valid ones
-    by ML energy; ``dft`` maps config_id → :class:`~adsorbml.single_points.SinglePoint` for the top k (if run).
-    ``ml_seconds`` is the wall time of the ML relaxations (placements only).
-    """
-
-    system_id: str
-    placements: list[Placement]
+    results: SystemResults
     relaxed_slab: Atoms
-    ml: list[MLResult]
-    ranked: list[MLResult]
-    dft: dict[str, SinglePoint] = field(default_factory=dict)
-    ml_seconds: float = 0.0
-    ml_force_calls: int = 0
+    summary: RunSummary
 
-    def results_entry(self) -> dict[str, dict[str, Any]]:
-        """This system's part of an OC20-Dense results file (valid placements only)."""
-        out = {}
-        for r in self.ranked:
-            d = self.dft.get(r.config_id)
-            out[r.config_id] = {
-                "ml_energy": float(r.ml_energy),
-                "ml+dft_energy": None if d is None else d.energy,
-                "scf_steps": None if d is None else d.scf_steps,
-                "ionic_steps": None if d is None else d.ionic_steps,
-            }
-        return out
+    @property
+    def e_ads(self) -> float | None:
+        """The system's answer: lowest anomaly-free E_ads (eV), see :class:`adsorbml.summary.SystemAnswer`."""
+        return self.results.answer.e_ads
+
+
+def calculator_label(calc: Any) -> str:
+    """``module:Class`` of a calculator object: its label in the run config."""
+    return f"{type(calc).__module__}:{type(calc).__qualname__}"
 
 
 def run_system(
@@ -63,8 +58,8 @@ def run_system(
     adsorbate: "str | Adsorbate",
     ml_calculator: Any,
     *,
-    system_id: str | None = None,
     dft_calculator: Any | None = None,
+    out_dir: str | os.PathLike | None = None,
     k: int = 5,
     num_random: int = 100,
     heuristic: bool = True,
@@ -72,56 +67,38 @@ def run_system(
     fmax: float = ADSORBML_FMAX,
     steps: int = ADSORBML_STEPS,
     checks: Sequence[str] = DEFAULT_CHECKS,
+    references: str | None = None,
+    ml_energy_convention: str | None = None,
+    max_atoms: int | None = None,
     progress: bool = True,
-    **relax_options: Any,
-) -> SystemResult:
-    """Run one system.
+) -> SystemRun:
+    """Run one system (``slab`` from :func:`adsorbml.inputs.prepare_slab`) and return its results.
 
-    Parameters
-    ----------
-    slab:
-        Prepared clean slab (:mod:`adsorbml.inputs`).
-    adsorbate:
-        Name or :class:`~adsorbml.adsorbates.Adsorbate`.
-    ml_calculator:
-        Any ASE calculator or an ``EquiformerV2Calculator`` (batched); passed to
-        :func:`eqv2_calc.relax.relax_batch`.
-    dft_calculator:
-        If given, single points on the top ``k`` valid placements (EMT as a stand-in).
-    fmax, steps:
-        AdsorbML defaults 0.02 eV/Å and 300 steps.
-    relax_options:
-        Passed to ``relax_batch`` (e.g. ``maxstep``, ``max_atoms``).
+    ``ml_calculator``: an ``EquiformerV2Calculator`` (batched) or any ASE calculator;
+    ``dft_calculator``: if given, single points on the top ``k`` valid placements and on the
+    ML-relaxed clean slab (EMT as a stand-in). ``references`` / ``ml_energy_convention``: as in
+    :class:`adsorbml.config.RunConfig` (None: the run's defaults). ``fmax`` (eV/Å) and ``steps``
+    default to AdsorbML's 0.02 and 300. A DFT single point that raises is recorded (see
+    ``results.placements[i].dft_error``), not raised.
     """
-    from eqv2_calc.relax import RelaxStats, relax_batch
-
-    ads = as_adsorbate(adsorbate)
-    sid = system_id or f"{slab.slab_id}_{ads.name}"
-    placements = generate_placements(slab, ads, num_random=num_random, heuristic=heuristic, seed=seed)
-
-    # reference: the clean slab relaxed at the same level of theory
-    slab_res = relax_batch([slab.atoms], ml_calculator, fmax=fmax, steps=steps, progress=False, **relax_options)[0]
-    stats = RelaxStats()
-    t0 = time.perf_counter()
-    relaxed = relax_batch(
-        [p.atoms for p in placements], ml_calculator, fmax=fmax, steps=steps,
-        names=[p.config_id for p in placements], progress=progress, stats=stats, **relax_options,
+    if not isinstance(slab, SlabRecord):
+        raise InputError(f"slab must be an adsorbml.inputs.SlabRecord (see prepare_slab), got {type(slab).__name__}")
+    cfg = RunConfig(
+        slabs=[SlabSpec.of(slab)], adsorbates=[as_adsorbate(adsorbate).name], num_random=num_random,
+        heuristic=heuristic, seed=seed, fmax=fmax, steps=steps, k=k, ml_calculator=calculator_label(ml_calculator),
+        dft_calculator="none" if dft_calculator is None else calculator_label(dft_calculator),
+        checks=list(checks), max_atoms=max_atoms, references=references, ml_energy_convention=ml_energy_convention,
     )
-    ml_seconds = time.perf_counter() - t0
-    ml: list[MLResult] = []
-    for p, r in zip(placements, relaxed):
-        if r.failed:
-            anomaly = f"relaxation_{r.reason}"
-        else:
-            anomaly = detect_anomalies(p.atoms, r.atoms, slab_res.atoms, checks).reason
-        ml.append(MLResult(p.config_id, r.atoms, float(r.energy), anomaly, bool(r.converged), {"nsteps": r.nsteps}))
-    ranked = rank_valid(ml)
-    result = SystemResult(
-        sid, placements, slab_res.atoms, ml, ranked, ml_seconds=ml_seconds,
-        ml_force_calls=sum(r.nsteps + 1 for r in relaxed),
-    )
-    if dft_calculator is not None and ranked:
-        top = ranked[:k]
-        for r, d in zip(top, run_single_points([r.atoms for r in top], dft_calculator, progress=False)):
-            result.dft[r.config_id] = d
-    return result
+    with tempfile.TemporaryDirectory(prefix="adsorbml-") as tmp:
+        directory = Path(out_dir) if out_dir is not None else Path(tmp)
+        summary = run_workflow(cfg, directory, ml_calculator=ml_calculator, dft_calculator=dft_calculator,
+                               plots=out_dir is not None, progress=progress, log=lambda _msg: None,
+                               continue_on_dft_error=True)
+        store = RunStore(directory, create=False)
+        try:
+            (system_id,) = summary.systems
+            results = system_results(store, system_id, energy_scheme(store), ground_truth=False)
+            relaxed_slab = store.get("slab_ml", slab.slab_id, "slab").toatoms()
+        finally:
+            store.close()
+    return SystemRun(results, relaxed_slab, summary)

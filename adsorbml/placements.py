@@ -18,9 +18,10 @@ Sites
 Orientation (``rotation="tilt"``, the OC20 heuristic mode): a rotation about z by
 U(0°, 360°) about the binding atom, then a tilt of the molecule's +z axis to a direction
 uniform on the spherical cap within ``max_tilt`` (20°) of +z. ``rotation="full"``: uniform
-random rotation (Haar measure on SO(3), via a normalised Gaussian quaternion). Single atoms
-are not rotated. For multidentate adsorbates the anchoring binding atom is drawn uniformly
-from the binding indices.
+random rotation (Haar measure on SO(3): a normalised Gaussian quaternion). Both are built
+with ``scipy.spatial.transform.Rotation`` (rotation vectors; ``from_quat``, scalar-last).
+Single atoms are not rotated. For multidentate adsorbates the anchoring binding atom is
+drawn uniformly from the binding indices.
 
 Height (closed form): with the binding atom at (x_site, y_site, h) and adsorbate atom a at
 offset u_a from it, slab atom s (any in-plane periodic image) is at least
@@ -219,12 +220,6 @@ def random_sites(slab: Atoms, n: int, rng: np.random.Generator) -> np.ndarray:
 # --------------------------------------------------------------------------- orientation
 
 
-def _axis_angle(axis: np.ndarray, angle: float) -> np.ndarray:
-    axis = axis / np.linalg.norm(axis)
-    K = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    return np.eye(3) + math.sin(angle) * K + (1 - math.cos(angle)) * (K @ K)
-
-
 def random_rotation(
     rng: np.random.Generator, mode: Literal["tilt", "full"] = "tilt", max_tilt_deg: float = MAX_TILT_DEG
 ) -> np.ndarray:
@@ -234,27 +229,22 @@ def random_rotation(
     half-angle ``max_tilt_deg`` (cos θ ~ U(cos θ_max, 1), azimuth ~ U(0, 2π)).
     ``"full"``: uniform on SO(3).
     """
+    from scipy.spatial.transform import Rotation
+
     if mode == "full":
-        q = rng.standard_normal(4)
-        w, x, y, z = q / np.linalg.norm(q)
-        return np.array([
-            [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-            [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-            [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
-        ])
+        w, x, y, z = rng.standard_normal(4)  # drawn as (w, x, y, z); scipy wants scalar-last
+        return Rotation.from_quat([x, y, z, w]).as_matrix()  # from_quat normalises
     if mode != "tilt":
         raise InputError(f"rotation mode must be 'tilt' or 'full', got {mode!r}")
     if not 0 <= max_tilt_deg <= 180:
         raise InputError(f"max_tilt_deg must be in [0, 180], got {max_tilt_deg}")
     phi = rng.uniform(0.0, 2 * math.pi)
-    rz = _axis_angle(np.array([0.0, 0.0, 1.0]), phi)
     cos_t = rng.uniform(math.cos(math.radians(max_tilt_deg)), 1.0)
     az = rng.uniform(0.0, 2 * math.pi)
     theta = math.acos(min(1.0, cos_t))
-    if theta < 1e-12:
-        return rz
-    axis = np.array([-math.sin(az), math.cos(az), 0.0])  # z × target direction
-    return _axis_angle(axis, theta) @ rz
+    axis = np.array([-math.sin(az), math.cos(az), 0.0])  # unit vector z × target direction
+    tilt = Rotation.from_rotvec(theta * axis)
+    return (tilt * Rotation.from_rotvec([0.0, 0.0, phi])).as_matrix()  # Rz(φ) first, then T
 
 
 # --------------------------------------------------------------------------- height

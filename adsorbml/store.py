@@ -13,22 +13,10 @@ Layout of ``<out_dir>/adsorbml.db`` (an ordinary ase.db; browse it with ``ase db
 * ``metadata``: ``{"schema_version": 1, "fingerprint": {...}, "fingerprint_sha256": "...",
   "config": {...}, "runs": [...]}`` (``fingerprint``: the settings that determine the results,
   see :meth:`RunStore.begin_run`);
-* one extra table, ``adsorbml_index(stage, system_id, config_id) -> id`` (primary key), kept
-  in the same transaction as each row (and by a trigger when ase.db deletes rows). It makes
-  the existence check, :meth:`~RunStore.get`, :meth:`~RunStore.done` and per-system
-  :meth:`~RunStore.rows` index lookups instead of scans over ase.db's key-value tables, and
-  its primary key makes a duplicate row impossible even with two writers. ase.db ignores the
-  table; a store written without it (older versions) is indexed once when opened.
+* one extra table, ``adsorbml_index`` (:mod:`adsorbml.row_index`): (stage, system_id,
+  config_id) → row id, written in the same transaction as each row.
 
-Stages (see :data:`STAGES`)::
-
-    slab         input clean slab            (system_id = slab_id, config_id = "slab")
-    slab_ml      clean slab relaxed with ML   (same keys)
-    slab_gt      clean slab relaxed with DFT  (same keys; ground-truth runs only)
-    placement    initial adslab               (system_id, config_id = "heur0", "rand3", ...)
-    ml           ML-relaxed placement         (+ converged, nsteps, ml_energy, anomaly, ...)
-    dft_sp       DFT single point on an ML-relaxed top-k placement (+ dft_energy, ionic_steps)
-    gt           DFT-relaxed placement, the ground truth (+ gt_energy, nsteps, anomaly)
+Stages: :data:`STAGES`; the rows each stage writes: :mod:`adsorbml.records`.
 
 Crash safety (``kill -9``) and group commit: relaxations are written one by one from
 ``relax_batch``'s ``on_result`` callback as soon as each finishes. :meth:`RunStore.write` is
@@ -67,35 +55,20 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from ase import Atoms
 from ase.db import connect
 from ase.db.row import AtomsRow
 
-from adsorbml.asedb_rows import ASE_DB_VERSION, insert_row
+from adsorbml import row_index
+from adsorbml.asedb_rows import ASE_DB_VERSION, delete_row, insert_row, key_value
 from adsorbml.errors import AdsorbMLError
+from adsorbml.events import EventLog
 
 __all__ = ["DB_NAME", "SCHEMA_VERSION", "STAGES", "RunStore", "StoreError"]
 
 SCHEMA_VERSION = 1
 DB_NAME = "adsorbml.db"
 STAGES: tuple[str, ...] = ("slab", "slab_ml", "slab_gt", "placement", "ml", "dft_sp", "gt")
-
-_INDEX_DDL = (
-    """CREATE TABLE IF NOT EXISTS adsorbml_index (
-    stage TEXT NOT NULL, system_id TEXT NOT NULL, config_id TEXT NOT NULL, id INTEGER NOT NULL UNIQUE,
-    PRIMARY KEY (stage, system_id, config_id))""",
-    """CREATE TRIGGER IF NOT EXISTS adsorbml_index_delete AFTER DELETE ON systems
-    BEGIN DELETE FROM adsorbml_index WHERE id = old.id; END""",
-)
-# (stage, system_id, config_id) of every ase.db row, pivoted from ase.db's text key-value table
-_INDEX_REBUILD = """INSERT OR IGNORE INTO adsorbml_index (stage, system_id, config_id, id)
-SELECT st, sy, co, id FROM (
-  SELECT id, MAX(CASE WHEN key = 'stage' THEN value END) AS st, MAX(CASE WHEN key = 'system_id' THEN value END) AS sy,
-         MAX(CASE WHEN key = 'config_id' THEN value END) AS co
-  FROM text_key_values WHERE key IN ('stage', 'system_id', 'config_id') GROUP BY id)
-WHERE st IS NOT NULL AND sy IS NOT NULL AND co IS NOT NULL ORDER BY id"""
-
 
 _OPEN: weakref.WeakSet[RunStore] = weakref.WeakSet()  # this process's stores (see RunStore.__init__)
 
@@ -111,19 +84,6 @@ def _flush_all() -> None:
 
 class StoreError(AdsorbMLError):
     """The output directory holds an incompatible store (other schema or other settings)."""
-
-
-def _kvp_value(v: Any) -> Any:
-    """ase.db accepts bool/int/float/str key values; numpy scalars become Python ones."""
-    if isinstance(v, (bool, np.bool_)):
-        return bool(v)
-    if isinstance(v, (int, np.integer)):
-        return int(v)
-    if isinstance(v, (float, np.floating)):
-        return float(v)
-    if isinstance(v, str):
-        return v
-    raise TypeError(f"key value {v!r} must be bool, int, float or str")
 
 
 class RunStore:
@@ -171,7 +131,7 @@ class RunStore:
         self._depth = 0  # nesting of transaction()
         self._pending = 0  # rows written but not committed
         self._pending_since = 0.0
-        self._events: list[str] = []  # event lines held back until their rows are committed
+        self._log = EventLog(self.directory / "events.jsonl")
         self._timer: threading.Timer | None = None
         self.batch_rows, self.batch_seconds = max(1, int(batch_rows)), float(batch_seconds)
         try:
@@ -185,11 +145,7 @@ class RunStore:
         if not ext:  # ase.db would open a connection per row read just to learn there are none
             self._db._get_external_table_names = lambda db_con=None: []
         with self.transaction():
-            for ddl in _INDEX_DDL:
-                self._con.execute(ddl)
-            n_index = self._con.execute("SELECT COUNT(*) FROM adsorbml_index").fetchone()[0]
-            if n_index != self._con.execute("SELECT COUNT(*) FROM systems").fetchone()[0]:
-                self._con.execute(_INDEX_REBUILD)  # a store from an older version (or foreign rows)
+            row_index.ensure(self._con)
         _OPEN.add(self)
 
     def close(self) -> None:
@@ -270,43 +226,19 @@ class RunStore:
 
     @property
     def events_path(self) -> Path:
-        """``<directory>/events.jsonl``: an append-only log of started/finished work."""
-        return self.directory / "events.jsonl"
+        """``<directory>/events.jsonl``: the audit log of started/finished work (:mod:`adsorbml.events`)."""
+        return self._log.path
 
     def log_event(self, **event: Any) -> None:
-        """Append one JSON line (flushed and fsync'ed) to :attr:`events_path`.
-
-        The log is an audit trail independent of the database (e.g. which relaxations each
-        run started and finished); the database stays the source of truth for results. While
-        rows are pending (group commit), events wait for them: an event is never on disk
-        before the rows written ahead of it (a ``finish`` is never logged for a lost row).
-        """
-        event.setdefault("time", time.time())
+        """Append one event to :attr:`events_path`. While rows are pending (group commit) the
+        event waits for them: it is never on disk before the rows written ahead of it."""
         with self._lock:
-            self._events.append(json.dumps(event) + "\n")
-            if not self._pending:  # else written right after the pending rows are committed
-                self._write_events()
-
-    def _write_events(self) -> None:
-        lines, self._events = self._events, []
-        if lines:
-            with open(self.events_path, "a", encoding="utf-8") as f:
-                f.write("".join(lines))
-                f.flush()
-                os.fsync(f.fileno())
+            self._log.add(event, hold=bool(self._pending))
 
     def events(self) -> list[dict]:
-        """All events of :attr:`events_path` (a torn last line from a crash is skipped)."""
+        """All events of :attr:`events_path`."""
         self.flush()
-        if not self.events_path.exists():
-            return []
-        out = []
-        for line in self.events_path.read_text(encoding="utf-8").splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return out
+        return self._log.read()
 
     # ------------------------------------------------------------------ rows
 
@@ -334,10 +266,11 @@ class RunStore:
                 except BaseException:
                     if self._con.in_transaction:
                         self._con.execute("ROLLBACK")
-                    self._pending, self._events = 0, []
+                    self._pending = 0
+                    self._log.drop_held()
                     raise
             self._pending = 0
-            self._write_events()
+            self._log.write_held()
 
     def _after_write(self, written: bool) -> None:
         """Group commit: commit now, or make sure the timer will."""
@@ -386,9 +319,7 @@ class RunStore:
                 self.flush()
 
     def _find(self, stage: str, system_id: str, config_id: str) -> int | None:
-        r = self._con.execute("SELECT id FROM adsorbml_index WHERE stage = ? AND system_id = ? AND config_id = ?",
-                              (stage, system_id, config_id)).fetchone()
-        return None if r is None else r[0]
+        return row_index.find(self._con, stage, system_id, config_id)
 
     def _insert(self, stage: str, system_id: str, config_id: str, atoms: Atoms,
                 key_value_pairs: Mapping[str, Any] | None, data: Mapping[str, Any] | None) -> tuple[int, bool]:
@@ -398,7 +329,7 @@ class RunStore:
         existing = self._find(stage, sid, cid)
         if existing is not None:
             return existing, False
-        kvp = {k: _kvp_value(v) for k, v in (key_value_pairs or {}).items() if v is not None}
+        kvp = {k: key_value(v) for k, v in (key_value_pairs or {}).items() if v is not None}
         kvp.update(stage=stage, system_id=sid, config_id=cid)
         if self._fast:
             rid = insert_row(self._con, atoms, kvp, dict(data or {}))
@@ -408,8 +339,7 @@ class RunStore:
                 rid = self._db.write(atoms, key_value_pairs=kvp, data=dict(data or {}))
             finally:
                 self._db.connection = None
-        self._con.execute("INSERT INTO adsorbml_index (stage, system_id, config_id, id) VALUES (?, ?, ?, ?)",
-                          (stage, sid, cid, rid))
+        row_index.add(self._con, stage, sid, cid, rid)
         return rid, True
 
     def write(
@@ -443,6 +373,25 @@ class RunStore:
             self._after_write(written)
             return rid, written
 
+    def replace(
+        self,
+        stage: str,
+        system_id: str,
+        config_id: str,
+        atoms: Atoms,
+        key_value_pairs: Mapping[str, Any] | None = None,
+        data: Mapping[str, Any] | None = None,
+    ) -> int:
+        """Write the row (stage, system_id, config_id), deleting an existing one in the same
+        transaction. Only for rows that record a failure to be retried (a failed DFT single
+        point); finished results go through :meth:`write`, which never overwrites. Returns the
+        new row id."""
+        with self.transaction():
+            old = self._find(stage, str(system_id), str(config_id))
+            if old is not None:
+                delete_row(self._con, old)  # the trigger drops the index entry
+            return self._insert(stage, system_id, config_id, atoms, key_value_pairs, data)[0]
+
     def write_many(self, rows: list[tuple[str, str, str, Atoms, Mapping[str, Any], Mapping[str, Any]]]) -> int:
         """Insert several rows ``(stage, system_id, config_id, atoms, kvp, data)`` in one
         transaction (all or nothing); rows that already exist are skipped. Returns the number
@@ -455,9 +404,7 @@ class RunStore:
 
     def _rows_where(self, where: str, args: tuple) -> Iterator[AtomsRow]:
         with self._lock:
-            rows = self._con.execute(
-                f"SELECT systems.* FROM adsorbml_index JOIN systems ON systems.id = adsorbml_index.id WHERE {where} "
-                f"ORDER BY adsorbml_index.id", args).fetchall()  # no cursor stays open across yields
+            rows = row_index.select_rows(self._con, where, args)
         for values in rows:
             yield self._to_row(values)
 
@@ -482,15 +429,13 @@ class RunStore:
         query, no atoms read)."""
         self._check_stage(stage)
         with self._lock:
-            return set(self._con.execute("SELECT system_id, config_id FROM adsorbml_index WHERE stage = ?", (stage,)))
+            return row_index.done(self._con, stage)
 
     def count(self, stage: str, **selection: Any) -> int:
         """Number of rows of a stage matching extra key=value selections (e.g. ``run_id=1``)."""
         self._check_stage(stage)
         if set(selection) <= {"system_id", "config_id"}:
-            where = " AND ".join(["stage = ?"] + [f"{k} = ?" for k in selection])
             with self._lock:
-                return self._con.execute(f"SELECT COUNT(*) FROM adsorbml_index WHERE {where}",
-                                         (stage, *map(str, selection.values()))).fetchone()[0]
+                return row_index.count(self._con, stage, **{k: str(v) for k, v in selection.items()})
         self.flush()  # ase.db reads through its own connection
         return self._db.count(stage=stage, **selection)

@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.systems <= len(SYSTEMS):
         p.error(f"--systems must be in 1..{len(SYSTEMS)}")
 
-    from adsorbml.metrics import format_table, metrics_table, write_compute, write_results, write_targets
+    from adsorbml.formats import write_compute, write_results, write_targets
+    from adsorbml.metrics import format_table, metrics_table
     from adsorbml.store import RunStore
     from adsorbml.summary import format_answers
     from adsorbml.workflow import RunConfig, SlabSpec, make_ml_calculator, run_workflow

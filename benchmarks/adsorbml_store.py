@@ -63,7 +63,7 @@ def make_pool(n: int = 64, seed: int = 0) -> list:
 
 
 def ml_row(i: int, pool: list) -> tuple:
-    """(stage, system_id, config_id, atoms, kvp, data) as ``workflow._relax_into_store`` writes them."""
+    """(stage, system_id, config_id, atoms, kvp, data) as ``adsorbml.stages`` writes them (``adsorbml.records.relaxation_values``)."""
     a = pool[i % len(pool)]
     kvp = {"run_id": 1, "converged": True, "nsteps": 37 + i % 50, "force_calls": 38 + i % 50,
            "final_fmax": 0.031, "relax_reason": "converged", "failed": False,

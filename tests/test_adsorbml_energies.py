@@ -142,7 +142,8 @@ def test_ml_only_success_on_consistent_energies_for_referenced_and_total_models(
     100 % validated ML-only success against EMT single points / EMT ground truth; scoring the raw
     referenced energies against DFT totals (the old behaviour) would give 0 %."""
     from adsorbml.inputs import load_slab
-    from adsorbml.metrics import ml_only_success, read_results, read_targets
+    from adsorbml.formats import read_results, read_targets
+    from adsorbml.metrics import ml_only_success
     from adsorbml.references import GasReferences
     from adsorbml.testing import ReferencedEMT
 
@@ -260,6 +261,40 @@ def test_a_raising_dft_calculator_is_reported_and_fails_the_command(tmp_path, pt
     assert err.count("stand-in DFT failure") == 3
     summary = json.loads((out / "summary.json").read_text())["systems"][0]
     assert summary["source"] == "ml" and summary["n_dft"] == 0 and np.isfinite(summary["e_ads"])
+
+
+@pytest.mark.slow
+def test_failed_single_points_are_retried_on_resume_up_to_the_cap(tmp_path, pt111):
+    from adsorbml.stages import MAX_DFT_ATTEMPTS
+    from adsorbml.testing import RaisingEMT
+    from adsorbml.workflow import SlabSpec, run_workflow
+
+    cfg = RunConfig(slabs=[SlabSpec(file=str(pt111))], adsorbates=["*O"], num_random=2, heuristic=False, k=2,
+                    steps=100, ml_calculator="emt", dft_calculator="adsorbml.testing:RaisingEMT")
+    kw = dict(plots=False, progress=False, log=lambda _m: None, continue_on_dft_error=True)
+    out = tmp_path / "run"
+    for run in range(1, MAX_DFT_ATTEMPTS + 2):
+        s = run_workflow(cfg, out, dft_calculator=RaisingEMT(), **kw)
+        # both adslab single points fail every time; they are retried until the cap
+        assert s.dft_now == (3 if run == 1 else 2 if run <= MAX_DFT_ATTEMPTS else 0), run
+        assert len(s.dft_errors) == 2
+    st = RunStore(out, create=False)
+    rows = [r for r in st.rows("dft_sp") if r.config_id != "slab"]
+    assert sorted(r.dft_attempts for r in rows) == [MAX_DFT_ATTEMPTS] * 2 and len(rows) == 2  # replaced, not added
+    assert len([e for e in st.events() if e["event"] == "dft_error"]) == 2 * MAX_DFT_ATTEMPTS
+    st.close()
+
+    # a retry that works replaces the failure with the result (a transient failure)
+    out2 = tmp_path / "run2"
+    first = run_workflow(cfg, out2, dft_calculator=RaisingEMT(), **dict(kw, continue_on_dft_error=False))
+    assert first.dft_stopped and len(first.dft_errors) == 1
+    second = run_workflow(cfg, out2, dft_calculator=EMT(), **kw)  # same label, a calculator that works
+    assert second.dft_errors == {} and second.dft_now == 2
+    st = RunStore(out2, create=False)
+    for r in st.rows("dft_sp"):
+        assert r.dft_ok and r.dft_energy == pytest.approx(_emt(st.get("ml" if r.config_id != "slab" else "slab_ml",
+                                                                     r.system_id, r.config_id).toatoms()), abs=1e-8)
+    assert sorted(r.dft_attempts for r in st.rows("dft_sp")) == [1, 1, 2]  # the slab, then the retried adslab
 
 
 def test_resume_refuses_other_references(tmp_path):

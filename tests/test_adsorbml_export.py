@@ -9,13 +9,9 @@ from ase.build import fcc111
 from ase.calculators.emt import EMT
 from ase.io import read
 
-from adsorbml.export import (
-    MLResult,
-    export_top_k,
-    rank_valid,
-    run_single_points,
-    surface_kpoints,
-)
+from adsorbml.export import export_top_k, surface_kpoints
+from adsorbml.ranking import MLResult, rank_valid
+from adsorbml.single_points import run_single_points
 from adsorbml.inputs import prepare_slab
 from adsorbml.placements import generate_placements
 

@@ -8,20 +8,8 @@ import pytest
 
 from adsorbml.errors import FormatError
 from conftest import markdown_table
-from adsorbml.metrics import (
-    format_table,
-    metrics_table,
-    ml_only_success,
-    read_compute,
-    read_results,
-    read_targets,
-    speedup,
-    success_at_k,
-    system_differences,
-    write_compute,
-    write_results,
-    write_targets,
-)
+from adsorbml.formats import read_compute, read_results, read_targets, write_compute, write_results, write_targets
+from adsorbml.metrics import format_table, metrics_table, ml_only_success, speedup, success_at_k, system_differences
 
 # Ground truth minima: A −1.30, B −2.00, C −1.00, D −0.50.
 TARGETS = {

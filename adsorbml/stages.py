@@ -1,0 +1,284 @@
+"""The stages of an AdsorbML run, each reading and writing the run's store.
+
+:func:`adsorbml.workflow.run_workflow` calls them in order; every stage skips what the store
+already holds, so calling them again resumes. Row layouts: :mod:`adsorbml.records`.
+
+1. :func:`stage_slabs` — slab sources → ``slab`` rows (stored rows win on resume);
+2. :func:`stage_placements` — seeded placements per system → ``placement`` rows, one
+   transaction per system;
+3. :func:`stage_relax` — a relaxation level (ML: ``slab_ml`` + ``ml``; ground truth: ``slab_gt``
+   + ``gt``): the clean slabs, then every placement with the batched relaxer, each result written
+   with its anomaly verdict (against the clean slab relaxed at the same level) as it finishes;
+4. :func:`stage_single_points` — DFT single points on the ML-relaxed clean slabs (without ground
+   truth: the DFT clean-slab energy of E_ads(ML+DFT)) and the top k valid placements per system.
+   A failure is recorded with its message and retried by the next run, up to
+   :data:`MAX_DFT_ATTEMPTS` attempts in all.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ase import Atoms
+
+from adsorbml.adsorbates import as_adsorbate
+from adsorbml.anomalies import detect_anomalies
+from adsorbml.config import RunConfig
+from adsorbml.errors import InputError
+from adsorbml.inputs import SlabRecord, load_slab, slabs_from_bulk
+from adsorbml.placements import Placement, generate_placements
+from adsorbml.ranking import rank_valid
+from adsorbml.records import (
+    dft_failed,
+    ml_result,
+    placement_from_row,
+    placement_row,
+    relaxation_values,
+    single_point_values,
+    slab_from_row,
+    slab_row,
+)
+from adsorbml.single_points import single_point
+from adsorbml.store import RunStore
+
+__all__ = [
+    "MAX_DFT_ATTEMPTS",
+    "Level",
+    "RunContext",
+    "System",
+    "build_slabs",
+    "ground_truth_level",
+    "ml_level",
+    "stage_placements",
+    "stage_relax",
+    "stage_single_points",
+    "stage_slabs",
+    "system_id_for",
+]
+
+MAX_DFT_ATTEMPTS = 3
+"""Attempts per DFT single point over all runs of a directory (a failure is retried on resume)."""
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class RunContext:
+    """What every stage needs: the store, this invocation's run id, the settings."""
+
+    store: RunStore
+    run_id: int
+    cfg: RunConfig
+    progress: bool = True
+    log: Log = print
+
+
+@dataclass
+class System:
+    """One slab × adsorbate system and its placements."""
+
+    system_id: str
+    slab_id: str
+    adsorbate: str
+    placements: list[Placement]
+
+
+def system_id_for(slab_id: str, adsorbate: str) -> str:
+    """``<slab_id>_<adsorbate without *>``, e.g. ``Pt_111_0.167_CO``."""
+    return f"{slab_id}_{adsorbate.lstrip('*')}"
+
+
+def build_slabs(cfg: RunConfig) -> list[SlabRecord]:
+    """The prepared slabs of ``cfg.slabs`` (files, bulk + Miller index, in-memory records)."""
+    from ase.build import bulk as ase_bulk
+
+    out: list[SlabRecord] = []
+    for spec in cfg.slabs:
+        if spec.record is not None:
+            out.append(spec.record)
+        elif spec.file is not None:
+            out.append(load_slab(spec.file, spec.slab_id))
+        else:
+            src = spec.bulk
+            if not os.path.exists(src):
+                try:
+                    src = ase_bulk(spec.bulk)
+                except (KeyError, ValueError, RuntimeError) as e:
+                    raise InputError(f"bulk {spec.bulk!r} is neither a file nor an element ase.build.bulk knows: {e}") from None
+            out.extend(slabs_from_bulk(src, spec.miller, max_slabs=spec.max_slabs))
+    ids = [s.slab_id for s in out]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise InputError(f"duplicate slab ids {dup}; give distinct 'slab_id's")
+    return out
+
+
+def stage_slabs(ctx: RunContext) -> dict[str, SlabRecord]:
+    """``slab`` rows; a resumed run uses exactly the stored structures. Returns slab_id → slab."""
+    slabs: dict[str, SlabRecord] = {}
+    new_rows = []
+    for rec in build_slabs(ctx.cfg):
+        row = ctx.store.get("slab", rec.slab_id, "slab")
+        if row is None:
+            new_rows.append(slab_row(rec, ctx.run_id))
+            slabs[rec.slab_id] = rec
+        else:
+            slabs[rec.slab_id] = slab_from_row(row)
+    ctx.store.write_many(new_rows)
+    return slabs
+
+
+def stage_placements(ctx: RunContext, slabs: dict[str, SlabRecord]) -> list[System]:
+    """Every slab × adsorbate with its placements (generated once, then read from the store)."""
+    from tqdm.auto import tqdm
+
+    cfg, store = ctx.cfg, ctx.store
+    systems: list[System] = []
+    pairs = [(sid, a) for sid in slabs for a in cfg.adsorbates]
+    for slab_id, ads in tqdm(pairs, desc="placements", unit="system", disable=not ctx.progress):
+        name = as_adsorbate(ads).name
+        sid = system_id_for(slab_id, name)
+        if store.count("placement", system_id=sid):
+            pl = [placement_from_row(r) for r in store.rows("placement", sid)]
+        else:
+            pl = generate_placements(slabs[slab_id], name, num_random=cfg.num_random, heuristic=cfg.heuristic,
+                                     seed=cfg.seed)
+            store.write_many([placement_row(sid, slab_id, name, p, ctx.run_id) for p in pl])
+        systems.append(System(sid, slab_id, name, pl))
+    if len({s.system_id for s in systems}) != len(systems):
+        raise InputError("two systems share an id; use distinct slab ids / adsorbates")
+    return systems
+
+
+@dataclass(frozen=True)
+class Level:
+    """A level of theory's relaxation stages and settings."""
+
+    slab_stage: str
+    stage: str
+    energy_key: str
+    fmax: float
+    steps: int
+    name: str
+
+
+def ml_level(cfg: RunConfig) -> Level:
+    return Level("slab_ml", "ml", "ml_energy", cfg.fmax, cfg.steps, "ML relaxations")
+
+
+def ground_truth_level(cfg: RunConfig) -> Level:
+    return Level("slab_gt", "gt", "gt_energy", cfg.gt_fmax, cfg.gt_steps, "ground-truth (DFT) relaxations")
+
+
+def _energy(r: Any) -> float | None:
+    e = float(r.energy)
+    return e if math.isfinite(e) else None
+
+
+def _relax_into_store(
+    ctx: RunContext, stage: str, items: list[tuple[str, str, Atoms]], calc: Any, level: Level, *,
+    progress: bool, values: Callable[[str, str, Any], dict],
+) -> float:
+    """Relax ``items`` [(system_id, config_id, atoms)] with relax_batch, writing each result to
+    ``stage`` (key values from ``values(system_id, config_id, result)``) the moment it
+    finishes. Returns the wall time (s)."""
+    from eqv2_calc.relax import relax_batch
+
+    if not items:
+        return 0.0
+    store = ctx.store
+    store.log_event(event="start", stage=stage, run_id=ctx.run_id, items=[[s, c] for s, c, _ in items])
+
+    def on_result(r: Any) -> None:
+        sid, cid, _ = items[r.index]
+        kvp = dict(relaxation_values(r, ctx.run_id), **values(sid, cid, r))
+        _, written = store.write(stage, sid, cid, r.atoms, kvp, {"initial_energy": float(r.initial_energy)})
+        store.log_event(event="finish", stage=stage, run_id=ctx.run_id, system_id=sid, config_id=cid, written=written)
+
+    t0 = time.perf_counter()
+    relax_batch([a for _, _, a in items], calc, fmax=level.fmax, steps=level.steps, max_atoms=ctx.cfg.max_atoms,
+                progress=progress, on_result=on_result)
+    return time.perf_counter() - t0
+
+
+def stage_relax(
+    ctx: RunContext, calc: Any, level: Level, slabs: dict[str, SlabRecord], systems: Sequence[System],
+) -> tuple[int, float]:
+    """Relax the clean slabs (``level.slab_stage``), then every placement (``level.stage``) not in
+    the store yet, each with its anomaly verdict. Returns (placements relaxed, their wall time s)."""
+    store = ctx.store
+    done = store.done(level.stage)
+    pending = [(s.system_id, p.config_id, p.atoms) for s in systems for p in s.placements
+               if (s.system_id, p.config_id) not in done]
+    slab_pending = [(i, "slab", slabs[i].atoms) for i in slabs if store.get(level.slab_stage, i, "slab") is None]
+
+    def slab_values(sid: str, cid: str, r: Any) -> dict:
+        return {level.energy_key: _energy(r), "energy_ok": _energy(r) is not None}
+
+    _relax_into_store(ctx, level.slab_stage, slab_pending, calc, level, progress=False, values=slab_values)
+    if not pending:
+        return 0, 0.0
+    reference = {i: store.get(level.slab_stage, i, "slab").toatoms() for i in slabs}
+    initial = {(s.system_id, p.config_id): p.atoms for s in systems for p in s.placements}
+    slab_of = {s.system_id: s.slab_id for s in systems}
+
+    def verdict(sid: str, cid: str, r: Any) -> dict:
+        e = _energy(r)
+        if r.failed or e is None:
+            anomaly = f"relaxation_{r.reason}" if r.failed else "relaxation_non_finite"
+        else:
+            anomaly = detect_anomalies(initial[(sid, cid)], r.atoms, reference[slab_of[sid]], ctx.cfg.checks).reason
+        return {level.energy_key: e, "anomaly": anomaly}
+
+    ctx.log(f"{level.name}: {len(pending)} to run, {len(done)} already in the store")
+    seconds = _relax_into_store(ctx, level.stage, pending, calc, level, progress=ctx.progress, values=verdict)
+    return len(pending), seconds
+
+
+def stage_single_points(
+    ctx: RunContext, dft_calc: Any, slabs: dict[str, SlabRecord], systems: Sequence[System], *,
+    continue_on_error: bool = False,
+) -> tuple[int, bool]:
+    """DFT single points on the ML-relaxed clean slabs (only without ground truth) and on the top
+    k valid placements of every system, each written to ``dft_sp`` as it finishes. A failure is
+    written with its message (``dft_error``, also to events.jsonl) and stops the stage unless
+    ``continue_on_error``. Returns (number run, whether it stopped at an error)."""
+    from tqdm.auto import tqdm
+
+    store = ctx.store
+    existing = {(r.system_id, r.config_id): r for r in store.rows("dft_sp")}
+
+    def wanted(key: tuple[str, str]) -> bool:
+        row = existing.get(key)
+        return row is None or (dft_failed(row) and int(row.get("dft_attempts", 1)) < MAX_DFT_ATTEMPTS)
+
+    todo: list[tuple[str, str, Atoms]] = []
+    if not ctx.cfg.ground_truth:
+        todo += [(i, "slab", store.get("slab_ml", i, "slab").toatoms()) for i in slabs if wanted((i, "slab"))]
+    for s in systems:
+        ranked = rank_valid([ml_result(r) for r in store.rows("ml", s.system_id)], ctx.cfg.k)
+        todo += [(s.system_id, r.config_id, r.atoms) for r in ranked if wanted((s.system_id, r.config_id))]
+    n = 0
+    for sid, cid, atoms in tqdm(todo, desc="DFT single points", unit="sp", disable=not ctx.progress):
+        d = single_point(atoms, dft_calc)
+        previous = existing.get((sid, cid))
+        attempts = 1 if previous is None else int(previous.get("dft_attempts", 1)) + 1
+        kvp = single_point_values(d, ctx.run_id, attempts)
+        structure = d.atoms if d.atoms is not None else atoms
+        if previous is None:
+            store.write("dft_sp", sid, cid, structure, kvp, {})
+        else:  # a retry of a recorded failure
+            store.replace("dft_sp", sid, cid, structure, kvp, {})
+        n += 1
+        if d.error is not None:
+            store.log_event(event="dft_error", stage="dft_sp", run_id=ctx.run_id, system_id=sid, config_id=cid,
+                            error=d.error, attempt=attempts)
+            ctx.log(f"DFT single point {sid}/{cid} failed (attempt {attempts} of {MAX_DFT_ATTEMPTS}): {d.error}")
+            if not continue_on_error:
+                return n, True
+    return n, False
