@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 from eqv2_calc.errors import Eqv2Error
+from eqv2_calc.runtime import CLI_ALLOCATOR_NOTE
 
 
 def _metrics(args: argparse.Namespace) -> int:
@@ -206,7 +207,8 @@ _TRUST_HELP = ("load an --ml-calculator checkpoint even if its pickle holds obje
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="adsorbml", description="AdsorbML workflow: placements → ML relaxations → "
-                                "anomaly filter → top-k DFT single points → success/speedup")
+                                "anomaly filter → top-k DFT single points → success/speedup",
+                                epilog=CLI_ALLOCATOR_NOTE)
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run or resume the workflow (state in <out>/adsorbml.db)")

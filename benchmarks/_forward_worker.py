@@ -3,8 +3,10 @@
 Run by benchmarks/forward.py, with the project's venv (--impl eqv2) or the fairchem 1.10
 reference venv (--impl fairchem). Measures: min seconds over --repeat calls after a warm-up,
 peak RSS growth during the calls (MiB, over the RSS after loading and one warm-up call is
-*not* subtracted: growth is measured from the post-load RSS), and FLOPs of one call counted
-by torch.utils.flop_counter.
+*not* subtracted: growth is measured from the post-load RSS), minor page faults per call (min
+over the calls: fresh pages the C allocator had to map), and FLOPs of one call counted by
+torch.utils.flop_counter. The eqv2_calc imported is whichever comes first on the path, so
+PYTHONPATH=<checkout> measures another revision.
 """
 
 import argparse
@@ -12,6 +14,7 @@ import json
 import resource
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -27,8 +30,8 @@ def main() -> None:
     ap.add_argument("--structure", required=True, help="extxyz file with one structure")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--no-tune-allocator", action="store_true",
-                    help="eqv2: EquiformerV2Calculator(tune_allocator=False), glibc's default malloc")
+    ap.add_argument("--tune-allocator", choices=["default", "on", "off"], default="default",
+                    help="eqv2: EquiformerV2Calculator(tune_allocator=True/False), or the calculator's default")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -36,9 +39,12 @@ def main() -> None:
 
     atoms = read(args.structure)
     if args.impl == "eqv2":
+        import eqv2_calc
         from eqv2_calc import EquiformerV2Calculator
 
-        calc = EquiformerV2Calculator(args.checkpoint, device="cpu", tune_allocator=not args.no_tune_allocator)
+        source = str(Path(eqv2_calc.__file__).resolve().parents[1])
+        tune = {"on": {"tune_allocator": True}, "off": {"tune_allocator": False}}.get(args.tune_allocator, {})
+        calc = EquiformerV2Calculator(args.checkpoint, device="cpu", **tune)
 
         def call():
             calc.reset()
@@ -51,6 +57,7 @@ def main() -> None:
         from fairchem.core.common.relaxation.ase_utils import OCPCalculator
 
         calc = OCPCalculator(checkpoint_path=args.checkpoint, cpu=True, seed=0)
+        source = "fairchem"
         calc.trainer.model.eval()
 
         def call():
@@ -60,12 +67,14 @@ def main() -> None:
 
     rss_loaded = rss_peak_mib()
     energy, _ = call()  # warm-up
-    times, cpu_times = [], []
+    times, cpu_times, faults = [], [], []
     for _ in range(args.repeat):
+        f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t, c = time.perf_counter(), time.process_time()
         call()
         times.append(time.perf_counter() - t)
         cpu_times.append(time.process_time() - c)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f)
     rss_peak = rss_peak_mib()
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -78,6 +87,7 @@ def main() -> None:
     print(json.dumps({
         "impl": args.impl, "natoms": len(atoms), "energy": float(energy), "seconds_min": min(times),
         "seconds_all": times, "cpu_seconds_min": min(cpu_times), "rss_loaded_mib": rss_loaded, "rss_peak_mib": rss_peak,
+        "faults_min": min(faults), "source": source,
         "gflop": counter.get_total_flops() / 1e9, "torch": torch.__version__, "threads": torch.get_num_threads(),
     }))
     sys.stdout.flush()

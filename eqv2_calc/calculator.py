@@ -43,8 +43,9 @@ class EquiformerV2Calculator(Calculator):
     trust_checkpoint: also load a file whose pickle holds objects beyond the safe allow-list
         (full unpickling can run code from the file; only for files you trust). Without it
         such a file raises :class:`~eqv2_calc.errors.CheckpointError`.
-    tune_allocator: call :func:`eqv2_calc.runtime.tune_allocator` (keep freed memory in the
-        process heap; 10–20 % faster calls on CPU, process-wide). Pass False to opt out.
+    tune_allocator: opt-in (default False): call :func:`eqv2_calc.runtime.tune_allocator`, a
+        process-wide, irreversible glibc malloc setting. The model no longer needs it for
+        speed (it keeps its temporaries small and reused); the ``eqv2``/``adsorbml`` CLIs set it.
 
     Results: ``energy`` / ``free_energy`` in eV (meaning: ``calc.metadata["energy_convention"]``),
     ``forces`` [N, 3] in eV/Å, unconstrained.
@@ -60,7 +61,7 @@ class EquiformerV2Calculator(Calculator):
         dtype: str | torch.dtype = "float32",
         use_ema: bool = False,
         potential: EquiformerV2Potential | None = None,
-        tune_allocator: bool = True,
+        tune_allocator: bool = False,
         trust_checkpoint: bool = False,
         **kwargs: Any,
     ):

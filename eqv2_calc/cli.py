@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from eqv2_calc.runtime import CLI_ALLOCATOR_NOTE
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="eqv2", description=__doc__)
+    parser = argparse.ArgumentParser(prog="eqv2", description=__doc__, epilog=CLI_ALLOCATOR_NOTE)
     sub = parser.add_subparsers(dest="command", required=True)
     from eqv2_calc import predict_cli
     from eqv2_calc.relax import cli as relax_cli

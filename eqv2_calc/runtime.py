@@ -1,7 +1,8 @@
 """Process-level performance settings. Nothing here runs on import: call it explicitly.
 
-The ``eqv2`` and ``adsorbml`` command lines and ``EquiformerV2Calculator`` (unless created with
-``tune_allocator=False``) call :func:`tune_allocator`.
+:func:`tune_allocator` is opt-in for library code: ``EquiformerV2Calculator`` calls it only when
+created with ``tune_allocator=True``. The ``eqv2`` and ``adsorbml`` command lines, which own
+their process, call it first thing (their ``--help`` says so).
 """
 
 from __future__ import annotations
@@ -13,6 +14,12 @@ import sys
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _tuned = False
+
+CLI_ALLOCATOR_NOTE = (
+    "Every command first calls eqv2_calc.runtime.tune_allocator(): for the rest of the process, "
+    "glibc malloc keeps up to 2 GiB of freed memory for reuse instead of returning it to the OS. "
+    "Library users opt in with EquiformerV2Calculator(tune_allocator=True) or that function."
+)
 
 
 def tune_allocator() -> bool:

@@ -13,13 +13,15 @@ from torch import nn
 from torch.nn import functional as F
 
 from eqv2_calc.nn.activation import SmoothLeakyReLU
-from eqv2_calc.nn.context import EdgeContext, EdgeEmbedding
+from eqv2_calc.nn.context import EDGE_CHUNK, EdgeContext, EdgeEmbedding, row_chunks
 from eqv2_calc.nn.so2_conv import SO2Convolution
 from eqv2_calc.nn.so3_linear import SO3Linear
 
 
-S2_CHUNK = 4096
-"""Rows (edge × channel) per S2-activation chunk."""
+S2_CHUNK = 1024
+"""Rows (edge × channel) per S2-activation chunk: the [chunk, G] grid values (1.3 MB for the
+18×18 grid in float32) stay in the L2/L3 caches; measured 25 % faster than 4096 rows with 2
+threads (results do not depend on it)."""
 
 
 def s2_activation(x: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor) -> torch.Tensor:
@@ -86,17 +88,43 @@ class SO2GraphAttention(EdgeEmbedding):
         self, x: torch.Tensor, ctx: EdgeContext, to_grid: torch.Tensor, from_grid: torch.Tensor
     ) -> torch.Tensor:
         """x [N, K, C]; to_grid [G, Kr], from_grid [Kr, G] (edge-frame grid) → [N, K, out]."""
-        num_edges = ctx.src.shape[0]
-        msg = torch.cat([x.index_select(0, ctx.src), x.index_select(0, ctx.dst)], dim=2)  # [E, K, 2C]
-        msg = torch.bmm(ctx.rot, msg)  # [E, Kr, 2C]
-        msg, extras = self.so2_conv_1(msg, self.edge_features(ctx))
+        num_edges, rows = ctx.src.shape[0], ctx.rot.shape[1]
+        chunks = row_chunks(num_edges, EDGE_CHUNK, x)
+        grids = (to_grid, from_grid[1:])
+        weights = (self.so2_conv_1.m_weights(), self.so2_conv_2.m_weights())
+        if len(chunks) == 1:
+            values, logits = self._values_and_logits(x, ctx, grids, weights, chunks[0])
+        else:  # inference: per-edge temporaries of one chunk at a time
+            values = x.new_empty(num_edges, rows, self.num_heads * self.value_channels)
+            logits = x.new_empty(num_edges, self.num_heads)
+            for edges in chunks:
+                _, logits[edges] = self._values_and_logits(x, ctx, grids, weights, edges, out=values[edges])
+        alpha = segment_softmax(logits, ctx.dst, ctx.num_nodes)  # [E, Hn]
+        out = x.new_zeros(ctx.num_nodes, ctx.rot_inv.shape[1], values.shape[2])
+        for edges in chunks:  # in edge order: the same sums as one index_add_ over all edges
+            v = values[edges]
+            v = v.view(v.shape[0], rows, self.num_heads, self.value_channels) * alpha[edges, None, :, None]
+            out.index_add_(0, ctx.dst[edges], torch.bmm(ctx.rot_inv[edges], v.view(v.shape[0], rows, values.shape[2])))
+        return self.proj(out)
+
+    def _values_and_logits(
+        self, x: torch.Tensor, ctx: EdgeContext, grids: tuple, weights: tuple, edges: slice,
+        out: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Edge-frame values [E', Kr, Hn·Cv] (written into ``out`` if given) and attention logits
+        [E', Hn] of the edges ``edges``.
+
+        grids: (to_grid [G, Kr], from_grid [Kr−1, G]) without the l = 0 row; weights: the two
+        convolutions' ``m_weights()``.
+        """
+        src, dst = ctx.src[edges], ctx.dst[edges]
+        num = src.shape[0]
+        msg = torch.cat([x.index_select(0, src), x.index_select(0, dst)], dim=2)  # [E', K, 2C]
+        msg = torch.bmm(ctx.rot[edges], msg)  # [E', Kr, 2C]
+        msg, extras = self.so2_conv_1(msg, self.edge_features(ctx, edges), weights[0])
         n_alpha = self.num_heads * self.alpha_channels
         alpha_in, gate = extras[:, :n_alpha], extras[:, n_alpha:]
-        msg = torch.cat([F.silu(gate)[:, None, :], s2_activation(msg, to_grid, from_grid[1:])], dim=1)
-        msg, _ = self.so2_conv_2(msg)  # [E, Kr, Hn*Cv]
-        alpha = self.alpha_act(self.alpha_norm(alpha_in.view(num_edges, self.num_heads, self.alpha_channels)))
-        alpha = segment_softmax((alpha * self.alpha_dot).sum(-1), ctx.dst, ctx.num_nodes)  # [E, Hn]
-        rows = msg.shape[1]
-        msg = msg.view(num_edges, rows, self.num_heads, self.value_channels) * alpha[:, None, :, None]
-        msg = torch.bmm(ctx.rot_inv, msg.view(num_edges, rows, self.num_heads * self.value_channels))
-        return self.proj(ctx.aggregate(msg))
+        msg = torch.cat([F.silu(gate)[:, None, :], s2_activation(msg, *grids)], dim=1)
+        values, _ = self.so2_conv_2(msg, None, weights[1], out)  # [E', Kr, Hn*Cv]
+        alpha = self.alpha_act(self.alpha_norm(alpha_in.view(num, self.num_heads, self.alpha_channels)))
+        return values, (alpha * self.alpha_dot).sum(-1)

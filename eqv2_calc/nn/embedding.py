@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from eqv2_calc.nn.context import EdgeContext, EdgeEmbedding
+from eqv2_calc.nn.context import EDGE_CHUNK, EdgeContext, EdgeEmbedding, row_chunks
 from eqv2_calc.nn.radial import RadialMLP
 
 
@@ -24,6 +24,10 @@ class EdgeDegreeEmbedding(EdgeEmbedding):
         self.rad_func = RadialMLP(list(radial_channels) + [(lmax + 1) * channels])
 
     def forward(self, ctx: EdgeContext) -> torch.Tensor:
-        m0 = self.rad_func(self.edge_features(ctx)).view(-1, self.lmax + 1, self.channels)
-        msg = torch.bmm(ctx.rot_inv[:, :, : self.lmax + 1], m0)  # m = 0 rows come first
-        return ctx.aggregate(msg) / self.avg_degree
+        chunks = row_chunks(ctx.src.shape[0], EDGE_CHUNK, ctx.rot_inv)
+        out = ctx.rot_inv.new_zeros(ctx.num_nodes, ctx.rot_inv.shape[1], self.channels)
+        for edges in chunks:  # in edge order: the same sums as one index_add_ over all edges
+            m0 = self.rad_func(self.edge_features(ctx, edges)).view(-1, self.lmax + 1, self.channels)
+            msg = torch.bmm(ctx.rot_inv[edges, :, : self.lmax + 1], m0)  # m = 0 rows come first
+            out.index_add_(0, ctx.dst[edges], msg)
+        return out / self.avg_degree
