@@ -27,7 +27,7 @@ from eqv2_calc.nn.feedforward import GridFeedForward
 from eqv2_calc.nn.norm import EquivariantLayerNormSH
 from eqv2_calc.nn.radial import GaussianBasis
 from eqv2_calc.so3.grid import edge_grid, node_grid
-from eqv2_calc.so3.layout import degree_rescale, mprimary_index, num_coefficients
+from eqv2_calc.so3.layout import degree_rescale, mprimary_index
 from eqv2_calc.so3.wigner import edge_wigner
 
 AVG_NUM_NODES_OC20 = 77.81317
