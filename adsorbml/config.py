@@ -42,6 +42,11 @@ class SlabSpec:
     slab_id: str | None = None
     max_slabs: int = 1
     record: SlabRecord | None = None
+    structure_sha256: str | None = None  # of an in-memory slab (set from ``record``; read back from a store)
+
+    def __post_init__(self) -> None:
+        if self.record is not None:
+            self.structure_sha256 = structure_hash(self.record.atoms)
 
     @classmethod
     def of(cls, record: SlabRecord) -> "SlabSpec":
@@ -63,21 +68,22 @@ class SlabSpec:
             bulk, hkl = spec.rsplit(":", 1)
             return cls(bulk=bulk, miller=_parse_miller(hkl))
         if isinstance(spec, Mapping):
-            unknown = set(spec) - {"file", "bulk", "miller", "slab_id", "id", "max_slabs"}
+            unknown = set(spec) - {"file", "bulk", "miller", "slab_id", "id", "max_slabs", "structure_sha256"}
             if unknown:
                 raise InputError(f"unknown slab keys {sorted(unknown)}; use file | bulk + miller, slab_id, max_slabs")
             out = cls(
                 file=spec.get("file"), bulk=spec.get("bulk"),
                 miller=None if spec.get("miller") is None else _parse_miller(spec["miller"]),
                 slab_id=spec.get("slab_id", spec.get("id")), max_slabs=int(spec.get("max_slabs", 1)),
+                structure_sha256=spec.get("structure_sha256"),
             )
             out.check()
             return out
         raise InputError(f"slab spec must be a string BULK:HKL or a dict, got {type(spec).__name__}")
 
     def check(self) -> None:
-        if sum(x is not None for x in (self.file, self.bulk, self.record)) != 1:
-            raise InputError("a slab needs exactly one of 'file' or 'bulk' (+ 'miller')")
+        if sum(x is not None for x in (self.file, self.bulk, self.structure_sha256)) != 1:
+            raise InputError("a slab needs exactly one of 'file' or 'bulk' (+ 'miller'), or an in-memory slab (SlabSpec.of)")
         if self.bulk is not None and self.miller is None:
             raise InputError(f"bulk {self.bulk!r} needs a Miller index")
         if self.max_slabs < 1:
@@ -88,8 +94,6 @@ class SlabSpec:
         d = {k: v for k, v in d.items() if v is not None}
         if self.miller is not None:
             d["miller"] = list(self.miller)
-        if self.record is not None:
-            d["structure_sha256"] = structure_hash(self.record.atoms)
         return d
 
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from adsorbml.records import single_point_values
+from adsorbml.single_points import SinglePoint
 from adsorbml.store import RunStore
 from adsorbml.vasp_import import scan_export_dir, split_name
 
@@ -87,9 +89,9 @@ def import_single_points(
         atoms.calc = res.atoms.calc
         info = {"energy": res.energy, "scf_steps": res.scf_steps_total, "ionic_steps": res.ionic_steps,
                 "source": str(res.source)}
-        _, written = store.write("dft_sp", sid, cid, atoms, {
-            "run_id": run_id, "dft_energy": res.energy, "dft_ok": True, "scf_steps": res.scf_steps_total,
-            "ionic_steps": res.ionic_steps, "dft_source": str(res.source)}, {"vasp": res.to_dict()})
+        sp = SinglePoint(res.energy, res.scf_steps_total, res.ionic_steps)
+        _, written = store.write("dft_sp", sid, cid, atoms, dict(single_point_values(sp, run_id), dft_source=str(res.source)),
+                                 {"vasp": res.to_dict()})
         (rep.imported if written else rep.kept)[name] = info
         store.log_event(event="import", stage="dft_sp", run_id=run_id, system_id=sid, config_id=cid,
                         written=written, energy=res.energy, scf_steps=res.scf_steps_total, source=str(res.source))

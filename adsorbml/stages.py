@@ -101,6 +101,9 @@ def build_slabs(cfg: RunConfig) -> list[SlabRecord]:
     for spec in cfg.slabs:
         if spec.record is not None:
             out.append(spec.record)
+        elif spec.structure_sha256 is not None:
+            raise InputError(f"slab {spec.slab_id!r} was given in memory (SlabSpec.of / run_system): pass the same "
+                             "SlabRecord again to resume this run")
         elif spec.file is not None:
             out.append(load_slab(spec.file, spec.slab_id))
         else:

@@ -67,6 +67,18 @@ def test_run_system_emt(tmp_path):
     assert again.summary.run_id == 2 and again.summary.ml_relaxed_now == 0 and again.summary.dft_now == 0
     assert again.e_ads == run.e_ads
     assert run_system(slab, "*O", EMT(), **kw).e_ads == pytest.approx(run.e_ads, abs=1e-9)
+    # the stored config reads back (adsorbml import uses it); resuming needs the slab object again
+    from adsorbml.config import RunConfig
+    from adsorbml.errors import InputError
+    from adsorbml.store import RunStore
+    from adsorbml.workflow import run_workflow
+
+    stored = dict(RunStore(tmp_path / "run", create=False).config)
+    stored.pop("energy_scheme")
+    cfg = RunConfig.from_dict(stored)
+    assert cfg.slabs[0].structure_sha256 and cfg.slabs[0].record is None
+    with pytest.raises(InputError, match="given in memory"):
+        run_workflow(cfg, tmp_path / "run", ml_calculator=EMT(), dft_calculator=EMT(), progress=False, log=print)
 
 
 def test_run_system_rejects_a_plain_atoms():
