@@ -93,6 +93,7 @@ def frame_with_results(
     *,
     stress: Any = None,
     positions: Any = None,
+    cell: Any = None,
     info: Mapping[str, Any] | None = None,
     scalar_info_only: bool = False,
     free_energy: float | None = None,
@@ -101,7 +102,8 @@ def frame_with_results(
 
     The copy keeps everything ``Atoms.copy`` keeps (cell, pbc, tags, constraints, momenta,
     info, arrays); any calculator of ``atoms`` is dropped and ``atoms`` itself is never
-    changed. ``positions`` (Å) replaces the positions without applying constraints.
+    changed. ``cell`` (Å, lattice vectors as rows) replaces the cell without moving the atoms,
+    then ``positions`` (Å) replaces the positions without applying constraints.
     ``energy`` (eV) is stored as a float; ``forces`` (eV/Å, raw: fixed atoms keep their
     forces, ASE's ``get_forces()`` zeroes them), ``stress`` (eV/Å³, Voigt 6 or 3x3) and
     ``free_energy`` (eV) only when given, as float64 copies. With ``scalar_info_only`` the
@@ -109,6 +111,8 @@ def frame_with_results(
     """
     frame = atoms.copy()
     frame.calc = None
+    if cell is not None:
+        frame.set_cell(np.array(cell, dtype=np.float64), scale_atoms=False)
     if positions is not None:
         frame.set_positions(np.array(positions, dtype=np.float64), apply_constraint=False)
     if scalar_info_only:

@@ -4,6 +4,8 @@ A *potential* maps a packed :class:`~eqv2_calc.graph.AtomsBatch` to per-system e
 and per-atom forces::
 
     energy, forces = potential(batch)   # energy [S] float64 eV, forces [N, 3] float64 eV/Å
+    energy, forces, stress = potential(batch, stress=True)   # if potential.provides_stress:
+                                                              # stress [S, 3, 3] float64 eV/Å³
 
 Forces are raw (constraints such as ASE ``FixAtoms`` are not applied). Implementations:
 :class:`EquiformerV2Potential` (batched, on the model's device) and :class:`ASEPotential`
@@ -13,6 +15,9 @@ passes (an ASE calculator, an ``EquiformerV2Calculator``, a potential) into one.
 Optional capabilities are explicit class attributes, so callers never test concrete classes:
 
 * ``counts_edges``: :meth:`Potential.count_edges` gives edges per system (edge budgets);
+* ``provides_stress``: ``potential(batch, keys, stress=True)`` also returns the stress tensor of
+  every system (needed by cell relaxations); :meth:`Potential.require_stress` raises a clear
+  :class:`~eqv2_calc.errors.InputError` for a potential without it;
 * per-structure state: the relaxer calls :meth:`Potential.attach` when a structure joins a
   batch, passes the structures' keys to ``__call__`` and calls :meth:`Potential.release`
   when it leaves. Stateless potentials ignore all three (the defaults).
@@ -42,23 +47,50 @@ class Potential:
     """Base class of force providers: energies [S] (eV) and raw forces [N, 3] (eV/Å) of a batch.
 
     Subclasses implement :meth:`__call__` and set ``device``; they opt into capabilities by
-    setting ``counts_edges = True`` (and implementing :meth:`count_edges`) or by overriding
-    :meth:`attach` / :meth:`release` to keep per-structure state.
+    setting ``counts_edges = True`` (and implementing :meth:`count_edges`), by setting
+    ``provides_stress = True`` (and returning the stress when ``__call__`` is asked for it) or
+    by overriding :meth:`attach` / :meth:`release` to keep per-structure state.
     """
 
     device: torch.device = torch.device("cpu")
     counts_edges: bool = False
     """True if :meth:`count_edges` is implemented (needed for ``max_edges`` budgets)."""
+    provides_stress: bool = False
+    """True if ``__call__(batch, keys, stress=True)`` returns the stress as a third output
+    (needed for cell relaxations). A class may set it per instance (e.g. only for checkpoints
+    with a stress head)."""
 
     def __call__(
-        self, batch: AtomsBatch, keys: Sequence[Hashable] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, batch: AtomsBatch, keys: Sequence[Hashable] | None = None, *, stress: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Energies [S] float64 (eV) and forces [N, 3] float64 (eV/Å) on ``batch.device``.
 
         ``keys`` name the structures of the batch in order (those given to :meth:`attach`),
         or None for structures that were never attached.
+
+        With ``stress=True`` (only if ``provides_stress``; otherwise raise as
+        :meth:`require_stress` does) return ``(energy, forces, stress)`` with ``stress``
+        [S, 3, 3] float64 in eV/Å³, ASE's sign convention (that of
+        ``atoms.get_stress(voigt=False)``: σ = (1/V) ∂E/∂ε, so a compressed crystal has negative
+        stress and the pressure is −tr(σ)/3), symmetric. Stress is defined for systems periodic
+        in all three directions only; ask for it only for such batches.
         """
         raise NotImplementedError
+
+    def require_stress(self, purpose: str = "this calculation") -> None:
+        """Raise :class:`~eqv2_calc.errors.InputError` naming this potential if it does not
+        provide stress (``provides_stress`` is False); ``purpose`` says what needed it."""
+        if not self.provides_stress:
+            raise InputError(
+                f"{purpose} needs the stress, but the potential {self!r} does not provide it "
+                "(provides_stress=False): use a potential that computes stress (an ASE calculator "
+                "with 'stress' in its implemented_properties, such as EMT, or an EquiformerV2 "
+                "checkpoint with a stress head), or do without it (e.g. relax positions only, "
+                "cell_filter=None / no --relax-cell)"
+            )
+
+    def __repr__(self) -> str:
+        return type(self).__name__
 
     def count_edges(self, batch: AtomsBatch) -> torch.Tensor:
         """Edges per system [S] (int64); only if ``counts_edges`` is True."""
@@ -93,7 +125,12 @@ class ASEPotential(Potential):
     * ``"auto"`` (default): ``"copy"`` for ASE's own in-memory calculators (EMT,
       LennardJones, Morse, ... and subclasses), ``"share"`` for everything else.
 
-    Energies come from ``get_potential_energy()``, forces from ``get_forces(apply_constraint=False)``.
+    Energies come from ``get_potential_energy()``, forces from ``get_forces(apply_constraint=False)``,
+    and with ``stress=True`` stresses from ``get_stress(voigt=False, apply_constraint=False)``
+    [S, 3, 3] eV/Å³; ``provides_stress`` is True when ``"stress"`` is in the calculator's
+    ``implemented_properties`` (EMT, LennardJones, ...). The batch's geometry is evaluated as it
+    is: an attached structure takes the batch's positions and, if it is periodic in 3-D, its cell
+    (so a cell relaxation deforms it).
     """
 
     def __init__(
@@ -118,6 +155,13 @@ class ASEPotential(Potential):
         self._template = copy.deepcopy(calc) if policy in ("copy", "fresh") and calc is not None else None
         self._factory = factory
         self._slots: dict[Hashable, Atoms] = {}
+        probe = calc if calc is not None else self._new_calculator()
+        self.provides_stress = "stress" in tuple(getattr(probe, "implemented_properties", ()))
+
+    def __repr__(self) -> str:
+        calc = self.calc if self.calc is not None else self._factory
+        name = getattr(calc, "__name__", None) or type(calc).__name__
+        return f"ASEPotential({name}, policy={self.policy!r})"
 
     def _new_calculator(self) -> BaseCalculator:
         if self._factory is not None:
@@ -136,16 +180,28 @@ class ASEPotential(Potential):
         self._slots.pop(key, None)
 
     def __call__(
-        self, batch: AtomsBatch, keys: Sequence[Hashable] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, batch: AtomsBatch, keys: Sequence[Hashable] | None = None, *, stress: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if stress:
+            self.require_stress("stress=True")
         pos = batch.positions.detach().cpu().numpy()
+        cells = batch.cell.detach().cpu().numpy()
+        pbcs = batch.pbc.cpu().numpy()
+        if stress and not pbcs.all():
+            bad = np.flatnonzero(~pbcs.all(axis=1)).tolist()
+            raise InputError(f"stress is defined for systems periodic in all 3 directions only; "
+                             f"systems {bad[:10]} of the batch are not")
         bounds = batch.atom_bounds()
         unpacked = None
-        energies, forces = [], []
+        energies, forces, stresses = [], [], []
         for s in range(batch.num_systems):
             a, b = bounds[s], bounds[s + 1]
             atoms = self._slots.get(keys[s]) if keys is not None else None
             if atoms is not None:
+                # a 3-D periodic cell is taken from the batch (cell relaxations change it); other
+                # cells are kept as attached (the batch completes their non-periodic rows)
+                if pbcs[s].all() and not np.array_equal(atoms.cell.array, cells[s]):
+                    atoms.set_cell(cells[s], scale_atoms=False)
                 atoms.set_positions(pos[a:b], apply_constraint=False)
             else:  # not attached: a temporary structure, and no state kept for it
                 unpacked = batch.to_atoms() if unpacked is None else unpacked
@@ -155,10 +211,15 @@ class ASEPotential(Potential):
                 atoms.calc = self._new_calculator()
             energies.append(atoms.get_potential_energy())
             forces.append(atoms.get_forces(apply_constraint=False))
-        return (
+            if stress:
+                stresses.append(atoms.get_stress(voigt=False, apply_constraint=False))
+        out = (
             torch.tensor(energies, dtype=torch.float64, device=batch.device),
             torch.as_tensor(np.concatenate(forces), dtype=torch.float64, device=batch.device),
         )
+        if stress:
+            return out + (torch.as_tensor(np.stack(stresses), dtype=torch.float64, device=batch.device),)
+        return out
 
 
 def is_ase_in_memory(calc: BaseCalculator) -> bool:

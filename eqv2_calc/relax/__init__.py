@@ -6,10 +6,12 @@ Public API::
     results = relax_batch(atoms_list, EMT(), fmax=0.05, steps=300)   # list[RelaxResult]
 
 Building blocks: :mod:`~eqv2_calc.relax.lbfgs` (state + ``lbfgs_init``/``lbfgs_step``),
-:mod:`~eqv2_calc.relax.runner` (in-flight batching), :mod:`~eqv2_calc.relax.io` (trajectory,
+:mod:`~eqv2_calc.relax.cell` (cell relaxation in ASE ``FrechetCellFilter`` coordinates:
+``relax_batch(..., cell_filter="frechet")``), :mod:`~eqv2_calc.relax.runner` (in-flight batching), :mod:`~eqv2_calc.relax.io` (trajectory,
 IS2RE and IS2RS files), :mod:`~eqv2_calc.relax.metrics` (energy MAE, ADwT).
 """
 
+from eqv2_calc.relax.cell import CellFilter, CellLBFGSState, cell_init, cell_lbfgs_step, cell_set_results
 from eqv2_calc.relax.io import read_is2re, write_is2re, write_is2rs, write_trajectory
 from eqv2_calc.relax.lbfgs import LBFGSParams, LBFGSState, lbfgs_init, lbfgs_set_results, lbfgs_step
 from eqv2_calc.relax.metrics import adwt, distance_within_threshold, energy_mae
@@ -21,6 +23,11 @@ __all__ = [
     "RelaxStats",
     "BatchRelaxer",
     "LBFGSParams",
+    "CellFilter",
+    "CellLBFGSState",
+    "cell_init",
+    "cell_lbfgs_step",
+    "cell_set_results",
     "LBFGSState",
     "lbfgs_init",
     "lbfgs_step",

@@ -14,6 +14,11 @@ Output directory layout (all files readable with ``ase.io`` or as plain CSV/JSON
                                decimals)
     OUT/summary.json           counts, utilization, wall time, metrics vs --reference
 
+``--relax-cell`` relaxes every structure's cell together with its positions (ASE
+``FrechetCellFilter`` coordinates and convergence test; needs a calculator with stress, e.g.
+emt, and structures periodic in 3-D); the final structures then carry the relaxed cell and
+the stress (eV/Å³).
+
 ``<name>`` is the zero-padded frame index. An interrupted run keeps every finished
 structure; rerunning the same command skips them (a structure counts as finished only if
 its stored input fingerprint matches the current input frame).
@@ -28,9 +33,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from eqv2_calc.calcspec import BUILTIN_CALCULATORS, CalculatorSpec, parse_calculator_spec
 from eqv2_calc.errors import InputError, RelaxationError
 from eqv2_calc.io import atomic_write, atomic_write_text
+from eqv2_calc.relax.cell import CellFilter
 from eqv2_calc.relax.io import result_atoms_for_output, write_is2re, write_is2rs
 from eqv2_calc.relax.lbfgs import CURVATURE_GUARDS, LBFGSParams
 from eqv2_calc.relax.runner import DEFAULT_MAX_FORCE, RelaxResult, RelaxStats, relax_batch
@@ -38,7 +46,7 @@ from eqv2_calc.resume import check_or_record, structure_fingerprint
 
 SETTINGS_KEYS: tuple[str, ...] = (
     "potential", "dtype", "fmax", "steps", "maxstep", "memory", "damping", "alpha", "curvature_guard",
-    "fix_tag0", "max_force",
+    "fix_tag0", "max_force", "relax_cell", "hydrostatic_strain", "constant_volume", "scalar_pressure",
 )
 """The settings that determine the results, recorded in ``run.json`` (allow-list, see
 :mod:`eqv2_calc.resume`); ``potential`` stands for ``--checkpoint``/``--calculator``, ``dtype``
@@ -54,7 +62,9 @@ EXECUTION_ARGS: tuple[str, ...] = (
 """Options that do not change the result of a structure (free to change on resume); the input
 frames themselves are matched one by one by :func:`~eqv2_calc.resume.structure_fingerprint`."""
 
-_LEGACY_SETTINGS = {"dtype": None}  # run.json files written before dtype was recorded
+_LEGACY_SETTINGS = {  # run.json files written before these were recorded
+    "dtype": None, "relax_cell": False, "hydrostatic_strain": False, "constant_volume": False, "scalar_pressure": 0.0,
+}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -86,6 +96,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--fix-tag0", action="store_true", help="also fix atoms with tag 0 (OC20 convention)")
     p.add_argument("--max-force", type=float, default=DEFAULT_MAX_FORCE,
                    help=f"flag a structure failed above this free-atom force, eV/Å (default {DEFAULT_MAX_FORCE:g})")
+    p.add_argument("--relax-cell", action="store_true",
+                   help="relax the cell too (ASE FrechetCellFilter coordinates; needs a calculator with stress, "
+                        "e.g. emt, and 3-D periodic structures)")
+    p.add_argument("--hydrostatic-strain", action="store_true",
+                   help="with --relax-cell: isotropic deformation only (the cell keeps its shape)")
+    p.add_argument("--constant-volume", action="store_true",
+                   help="with --relax-cell: relax the cell shape at constant volume")
+    p.add_argument("--scalar-pressure", type=float, default=0.0,
+                   help="with --relax-cell: external pressure in eV/Å³ (1 GPa = 0.00624 eV/Å³); "
+                        "E + pV is minimized (default 0)")
     p.add_argument("--save-every", type=int, default=0,
                    help="also keep every n-th frame in the trajectories (default 0: initial+final)")
     p.add_argument("--device", default=None, help="torch device for --checkpoint (default: cuda if available, else cpu)")
@@ -130,9 +150,25 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "potential": pot, "dtype": dtype, "fmax": args.fmax, "steps": args.steps, "maxstep": args.maxstep,
         "memory": args.memory, "damping": args.damping, "alpha": args.alpha,
         "curvature_guard": args.curvature_guard, "fix_tag0": bool(args.fix_tag0),
-        "max_force": args.max_force,
+        "max_force": args.max_force, "relax_cell": bool(args.relax_cell),
+        "hydrostatic_strain": bool(args.hydrostatic_strain), "constant_volume": bool(args.constant_volume),
+        "scalar_pressure": float(args.scalar_pressure),
     }
     return {k: values[k] for k in SETTINGS_KEYS}
+
+
+def _cell_filter(args: argparse.Namespace) -> CellFilter | None:
+    """The cell filter of ``--relax-cell`` and its options (None without it; its options alone
+    are an error)."""
+    if not args.relax_cell:
+        given = [flag for flag, on in (("--hydrostatic-strain", args.hydrostatic_strain),
+                                       ("--constant-volume", args.constant_volume),
+                                       ("--scalar-pressure", args.scalar_pressure != 0.0)) if on]
+        if given:
+            raise InputError(f"{', '.join(given)} only apply to a cell relaxation: add --relax-cell")
+        return None
+    return CellFilter(hydrostatic_strain=args.hydrostatic_strain, constant_volume=args.constant_volume,
+                      scalar_pressure=args.scalar_pressure)
 
 
 def _check_run_file(out: Path, settings: dict[str, Any], input_path: str) -> None:
@@ -150,12 +186,18 @@ def result_from_file(path: Path, index: int) -> RelaxResult:
 
     atoms = ase.io.read(path, format="traj")
     info = atoms.info
+    stress = atoms.calc.results.get("stress") if atoms.calc else None
+    if stress is not None:
+        from ase.stress import voigt_6_to_full_3x3_stress
+
+        stress = voigt_6_to_full_3x3_stress(stress) if np.shape(stress) == (6,) else np.asarray(stress)
     return RelaxResult(
         index=index, name=str(info["relax_name"]), atoms=atoms,
         energy=float(atoms.calc.results["energy"]) if atoms.calc else math.nan,
         fmax=float(info["relax_fmax"]), nsteps=int(info["relax_nsteps"]),
         converged=bool(info["relax_converged"]), failed=bool(info["relax_failed"]),
         reason=str(info["relax_reason"]), initial_energy=float(info["relax_initial_energy"]),
+        stress=stress,
     )
 
 
@@ -177,6 +219,7 @@ def run_relax(args: argparse.Namespace) -> int:
     names = [f"{i:0{width}d}" for i in range(len(frames))]
     if args.calculator:
         _calculator_spec(args).load_class()  # unknown names / bad module paths fail before run.json
+    cell_filter = _cell_filter(args)
     settings = _settings(args)
     LBFGSParams(maxstep=args.maxstep, memory=args.memory, damping=args.damping,
                 alpha=args.alpha, curvature_guard=args.curvature_guard)  # validate early
@@ -219,7 +262,7 @@ def run_relax(args: argparse.Namespace) -> int:
                 fix_tag0=args.fix_tag0, max_force=args.max_force, trajectory_dir=tdir,
                 save_every=args.save_every, progress=not args.no_progress, on_result=save,
                 stats=stats, maxstep=args.maxstep, memory=args.memory, damping=args.damping,
-                alpha=args.alpha, curvature_guard=args.curvature_guard,
+                alpha=args.alpha, curvature_guard=args.curvature_guard, cell_filter=cell_filter,
             )
         except KeyboardInterrupt:
             print(f"\neqv2 relax: interrupted; {len(done)} of {len(frames)} structures are finished "

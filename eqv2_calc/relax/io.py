@@ -34,11 +34,19 @@ IS2RE_FIELDS: tuple[str, ...] = (
 """Columns of the IS2RE table (energies in eV, fmax in eV/Å)."""
 
 
-def make_frame(template: Atoms, positions: np.ndarray, energy: float, forces: np.ndarray) -> Atoms:
+def make_frame(
+    template: Atoms, positions: np.ndarray, energy: float, forces: np.ndarray, *,
+    cell: np.ndarray | None = None, stress: np.ndarray | None = None,
+) -> Atoms:
     """Copy ``template`` (constraints, tags, cell, info kept) with new ``positions`` (Å) and a
     SinglePointCalculator holding ``energy`` (eV) and raw ``forces`` (eV/Å); see
-    :func:`eqv2_calc.io.frame_with_results`."""
-    return frame_with_results(template, energy, forces, positions=positions)
+    :func:`eqv2_calc.io.frame_with_results`. A cell relaxation also gives the new ``cell``
+    [3, 3] (Å) and the ``stress`` [3, 3] (eV/Å³, stored in ASE's Voigt order)."""
+    if stress is not None:
+        from ase.stress import full_3x3_to_voigt_6_stress
+
+        stress = full_3x3_to_voigt_6_stress(np.asarray(stress, dtype=np.float64))
+    return frame_with_results(template, energy, forces, positions=positions, cell=cell, stress=stress)
 
 
 def write_trajectory(path: str | os.PathLike, frames: Sequence[Atoms]) -> None:
@@ -58,7 +66,7 @@ def result_atoms_for_output(result: "RelaxResult") -> Atoms:
     values extxyz cannot store, such as dicts, are dropped)."""
     results = result.atoms.calc.results
     return frame_with_results(
-        result.atoms, results["energy"], results["forces"], scalar_info_only=True,
+        result.atoms, results["energy"], results["forces"], stress=results.get("stress"), scalar_info_only=True,
         info=dict(
             relax_index=result.index,
             relax_name=result.name,

@@ -324,19 +324,21 @@ def system_fmax(state: LBFGSState) -> torch.Tensor:
     return segment_max(norms, state.system_idx, state.num_systems)
 
 
-def _dot(a: torch.Tensor, b: torch.Tensor, state: LBFGSState) -> torch.Tensor:
-    """Per-system dot product of two [N, 3] fields -> [S]."""
-    return segment_sum((a * b).sum(dim=1), state.system_idx, state.num_systems)
+def _update_history(
+    state: LBFGSState, x: torch.Tensor, x0: torch.Tensor, g: torch.Tensor, f0: torch.Tensor,
+    sys_idx: torch.Tensor, rows: torch.Tensor, guard: str,
+) -> None:
+    """Append (s, y, rho) for systems that already took a step (ASE ``LBFGS.update``).
 
-
-def _update_history(state: LBFGSState, g: torch.Tensor, guard: str) -> None:
-    """Append (s, y, rho) for systems that already took a step (ASE ``LBFGS.update``)."""
-    sys_idx = state.system_idx
+    ``x``/``x0`` [M, 3] are the current/previous coordinates, ``g`` the current gradient and
+    ``f0`` the previous (constrained) forces; row m belongs to system ``sys_idx[m]`` and is
+    stored in history row ``rows[m]`` (M = N for positions; more rows for generalized
+    coordinates, see :func:`lbfgs_displacement`)."""
     ar_s = torch.arange(state.num_systems, device=state.device)
     has_prev = state.iteration > 0  # [S]
-    s_new = state.positions - state.r0
-    y_new = g - (-state.f0)
-    ys = _dot(y_new, s_new, state)  # [S]
+    s_new = x - x0
+    y_new = g - (-f0)
+    ys = segment_sum((y_new * s_new).sum(dim=1), sys_idx, state.num_systems)  # [S]
     if guard == "none":
         accept = has_prev
     else:
@@ -346,8 +348,8 @@ def _update_history(state: LBFGSState, g: torch.Tensor, guard: str) -> None:
     acc_atom = accept[sys_idx][:, None, None]  # [N, 1, 1]
     slot_atom = state.head[sys_idx]  # [N]
     sy = state.history.sy
-    old = sy[slot_atom, state.rows]  # [N, 2, 3]
-    sy[slot_atom, state.rows] = torch.where(acc_atom, torch.stack([s_new, y_new], dim=1), old)
+    old = sy[slot_atom, rows]  # [N, 2, 3]
+    sy[slot_atom, rows] = torch.where(acc_atom, torch.stack([s_new, y_new], dim=1), old)
     state.rho[ar_s, state.head] = torch.where(accept, 1.0 / ys, state.rho[ar_s, state.head])
     h = state.history_size
     state.head = torch.where(accept, (state.head + 1) % h, state.head)
@@ -355,15 +357,17 @@ def _update_history(state: LBFGSState, g: torch.Tensor, guard: str) -> None:
     state.max_count = min(h, state.max_count + 1)
 
 
-def _two_loop(state: LBFGSState, g: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Two-loop recursion per system: returns the search direction p = -H g, [N, 3].
+def _two_loop(
+    state: LBFGSState, g: torch.Tensor, alpha: float, sys_idx: torch.Tensor, rows: torch.Tensor
+) -> torch.Tensor:
+    """Two-loop recursion per system: returns the search direction p = -H g, [M, 3] (rows as
+    in :func:`_update_history`).
 
     Loops over the K = ``state.max_count`` most recent slots. Slots a system does not have
     (k >= count) get rho = 0, so they add exact zeros and a system's numbers do not depend on
     the history length of its batch mates.
     """
     h, k_max = state.history_size, state.max_count
-    sys_idx, rows = state.system_idx, state.rows
     zeros_s = torch.zeros(state.num_systems, dtype=torch.float64, device=state.device)
     ages = torch.arange(k_max, device=state.device)
     slot = torch.remainder(state.head[None, :] - 1 - ages[:, None], h)  # [K, S]
@@ -403,18 +407,44 @@ def lbfgs_step(state: LBFGSState, params: LBFGSParams) -> LBFGSState:
     incremented, and ``forces``/``energy`` are stale until the next evaluation.
     """
     fc = state.constrained_forces()
-    g = -fc
-    _update_history(state, g, params.curvature_guard)
-    p = _two_loop(state, g, params.alpha)
-    p = torch.where(state.free, p, torch.zeros_like(p))
-    longest = segment_max(torch.linalg.vector_norm(p, dim=1), state.system_idx, state.num_systems)
-    scale = torch.where(
-        longest >= params.maxstep, params.maxstep / longest, torch.ones_like(longest)
-    )
-    dr = p * scale[state.system_idx, None] * params.damping
-    dr = torch.where(state.free, dr, torch.zeros_like(dr))
+    dr = lbfgs_displacement(state, state.positions, fc, state.r0, state.f0, state.free,
+                            state.system_idx, state.rows, params)
     state.r0 = state.positions
     state.f0 = fc
     state.positions = state.positions + dr
     state.iteration = state.iteration + 1
     return state
+
+
+def lbfgs_displacement(
+    state: LBFGSState,
+    x: torch.Tensor,
+    fc: torch.Tensor,
+    x0: torch.Tensor,
+    f0: torch.Tensor,
+    free: torch.Tensor,
+    sys_idx: torch.Tensor,
+    rows: torch.Tensor,
+    params: LBFGSParams,
+) -> torch.Tensor:
+    """The L-BFGS displacement [M, 3] of the coordinates ``x`` [M, 3] of every system (the
+    core of :func:`lbfgs_step`, for any coordinate vector made of 3-vectors).
+
+    ``fc`` are the constrained forces at ``x`` (the negative gradient), ``x0``/``f0`` the
+    coordinates and forces of the previous step (ignored for systems with ``iteration == 0``),
+    ``free`` [M, 3] False for components that never move, ``sys_idx`` [M] the system of each
+    row (any order) and ``rows`` [M] its rows in ``state.history``. Updates the history of
+    ``state`` (``rho``, ``head``, ``count``, the buffer rows); does not move anything nor
+    increment ``iteration``. The ``maxstep`` rescaling is over the rows of each system: with
+    :mod:`~eqv2_calc.relax.cell` the three cell rows count like atoms, as in ASE's filters.
+    """
+    g = -fc
+    _update_history(state, x, x0, g, f0, sys_idx, rows, params.curvature_guard)
+    p = _two_loop(state, g, params.alpha, sys_idx, rows)
+    p = torch.where(free, p, torch.zeros_like(p))
+    longest = segment_max(torch.linalg.vector_norm(p, dim=1), sys_idx, state.num_systems)
+    scale = torch.where(
+        longest >= params.maxstep, params.maxstep / longest, torch.ones_like(longest)
+    )
+    dr = p * scale[sys_idx, None] * params.damping
+    return torch.where(free, dr, torch.zeros_like(dr))

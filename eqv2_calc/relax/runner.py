@@ -19,6 +19,12 @@ Per system the sequence of evaluations is exactly ASE's: ``nsteps + 1`` force ca
 An out-of-memory error from the potential halves the atom (and edge) budget, moves the most
 recently added systems back to the front of the queue *with their optimizer state*, and
 retries; a single system that does not fit alone is flagged failed.
+
+With ``cell_filter="frechet"`` (:mod:`eqv2_calc.relax.cell`) every system relaxes its
+positions and its cell together in ASE ``FrechetCellFilter`` coordinates: the potential is
+asked for the stress as well, the state is a :class:`~eqv2_calc.relax.cell.CellLBFGSState`,
+and convergence is ASE's test on the generalized forces (atoms and cell rows); everything
+else (refill, failures, outputs) is the same.
 """
 
 from __future__ import annotations
@@ -40,6 +46,15 @@ from eqv2_calc.batching import DEFAULT_MAX_ATOMS, Budget, is_out_of_memory
 from eqv2_calc.errors import InputError, UnsupportedElementError
 from eqv2_calc.graph.batch import AtomsBatch, atoms_to_batch, check_atoms
 from eqv2_calc.potential import resolve_potential
+from eqv2_calc.relax.cell import (
+    CELL_FILTER_OPTIONS,
+    CellFilter,
+    CellLBFGSState,
+    cell_init,
+    cell_lbfgs_step,
+    cell_set_results,
+    cell_system_fmax,
+)
 from eqv2_calc.relax.constraints import free_mask
 from eqv2_calc.relax.io import make_frame, write_trajectory
 from eqv2_calc.relax.lbfgs import (
@@ -79,13 +94,17 @@ class RelaxResult:
     name:
         Identifier (file stem of its trajectory).
     atoms:
-        Final structure: a copy of the input (constraints, tags, cell, info kept) at the
-        final positions (Å) with a SinglePointCalculator holding the energy (eV) and the raw,
-        unconstrained forces (eV/Å) evaluated there.
+        Final structure: a copy of the input (constraints, tags, info kept) at the final
+        positions (Å) and, for a cell relaxation, the final cell, with a SinglePointCalculator
+        holding the energy (eV), the raw, unconstrained forces (eV/Å) and, for a cell
+        relaxation, the stress (eV/Å³) evaluated there.
     energy:
-        Final potential energy, eV (NaN if the potential returned NaN).
+        Final potential energy, eV (NaN if the potential returned NaN); without the ``pV``
+        term of a cell relaxation under ``scalar_pressure``.
     fmax:
-        Largest free-atom force norm at the final positions, eV/Å.
+        Largest free-atom force norm at the final positions, eV/Å. For a cell relaxation
+        ASE's ``FrechetCellFilter`` measure: the largest row norm over the generalized atom
+        forces (``Fᵀ f_i``) and the cell forces (see :mod:`eqv2_calc.relax.cell`).
     nsteps:
         L-BFGS steps taken (ASE ``opt.nsteps``); the potential was called ``nsteps + 1``
         times for this structure.
@@ -105,6 +124,9 @@ class RelaxResult:
     trajectory:
         Initial frame, every ``save_every``-th frame, and the final frame (which equals
         ``atoms``).
+    stress:
+        Cell relaxation only: the potential's stress at the final geometry, [3, 3] eV/Å³
+        (ASE sign convention, ``atoms.get_stress(voigt=False)``); None otherwise.
     """
 
     index: int
@@ -118,6 +140,12 @@ class RelaxResult:
     reason: str
     initial_energy: float
     trajectory: list[Atoms] = field(default_factory=list, repr=False)
+    stress: np.ndarray | None = None
+
+    @property
+    def cell(self) -> np.ndarray:
+        """Final cell, [3, 3] Å (lattice vectors as rows)."""
+        return np.array(self.atoms.get_cell())
 
     @property
     def force_calls(self) -> int:
@@ -210,6 +238,11 @@ class BatchRelaxer:
         Show a tqdm bar (structures done / total, force calls per second).
     on_result:
         Called with each :class:`RelaxResult` as soon as its structure finishes.
+    cell_filter:
+        None (default): positions only, cells fixed. ``"frechet"`` or a
+        :class:`~eqv2_calc.relax.cell.CellFilter`: positions and cell of every structure relax
+        together (ASE ``FrechetCellFilter`` semantics); needs a potential that
+        ``provides_stress`` and structures periodic in all three directions.
     """
 
     def __init__(
@@ -228,6 +261,7 @@ class BatchRelaxer:
         sort_by_size: bool = True,
         progress: bool = True,
         on_result: Callable[[RelaxResult], None] | None = None,
+        cell_filter: CellFilter | str | None = None,
     ) -> None:
         if not (isinstance(fmax, (int, float)) and fmax >= 0):
             raise InputError(f"fmax={fmax!r} eV/Å must be a number >= 0")
@@ -257,6 +291,13 @@ class BatchRelaxer:
                 f"max_edges={max_edges} needs a potential that can count edges (e.g. EquiformerV2); "
                 f"{type(self.potential).__name__} cannot: use max_atoms"
             )
+        if isinstance(cell_filter, str):
+            cell_filter = CellFilter(kind=cell_filter)  # type: ignore[arg-type]
+        elif cell_filter is not None and not isinstance(cell_filter, CellFilter):
+            raise InputError(f"cell_filter must be None, 'frechet' or a CellFilter, got {type(cell_filter).__name__}")
+        self.cell_filter: CellFilter | None = cell_filter
+        if cell_filter is not None:
+            self.potential.require_stress(f"cell relaxation (cell_filter={cell_filter.kind!r})")
         self.stats = RelaxStats()
 
     # ------------------------------------------------------------------ input
@@ -269,6 +310,12 @@ class BatchRelaxer:
             if not isinstance(a, Atoms):
                 raise InputError(f"structure {i} is a {type(a).__name__}, expected ase.Atoms")
             check_atoms(a, i)
+            if self.cell_filter is not None and not bool(np.all(a.get_pbc())):
+                raise InputError(
+                    f"structure {i} is not periodic in all 3 directions (pbc={a.get_pbc().tolist()}): "
+                    f"a cell relaxation (cell_filter={self.cell_filter.kind!r}) needs a 3-D periodic "
+                    "crystal; relax such structures without cell_filter"
+                )
         if names is None:
             width = max(6, len(str(len(atoms_list) - 1)))
             return [f"{i:0{width}d}" for i in range(len(atoms_list))]
@@ -286,6 +333,11 @@ class BatchRelaxer:
     def _fresh_state(self, tracks: list[_Track]) -> LBFGSState:
         batch = atoms_to_batch([self._atoms[t.index] for t in tracks], self.device)
         free = torch.as_tensor(np.concatenate([self._free[t.index] for t in tracks]))
+        if self.cell_filter is not None:
+            return cell_init(
+                batch.positions, batch.numbers, batch.natoms, batch.cell, batch.pbc, free,
+                history=self._history, exp_cell_factor=self.cell_filter.exp_cell_factor,
+            )
         return lbfgs_init(
             batch.positions, batch.numbers, batch.natoms, batch.cell, batch.pbc, free,
             history=self._history,
@@ -298,6 +350,14 @@ class BatchRelaxer:
         self._atoms = list(atoms_list)
         self._names = names
         self._free = [free_mask(a, fix_tag0=self.fix_tag0, index=i) for i, a in enumerate(self._atoms)]
+        if self.cell_filter is not None:
+            for i, free in enumerate(self._free):
+                partial = np.flatnonzero(free.any(axis=1) & ~free.all(axis=1))
+                if len(partial):
+                    raise InputError(
+                        f"structure {i}: atoms {partial[:10].tolist()} have single fixed Cartesian components "
+                        "(FixCartesian / move_mask); with a cell filter only whole atoms can be fixed (FixAtoms)"
+                    )
         self._history = HistoryBuffer(
             max(1, min(self.params.memory, self.steps)),
             min(sum(len(a) for a in self._atoms), self.budget.max_atoms or 1 << 62),
@@ -371,7 +431,7 @@ class BatchRelaxer:
                     j += 1
                 parts.append(self._fresh_state(new[i:j]))
                 i = j
-        self._state = LBFGSState.concat(parts)
+        self._state = type(parts[0]).concat(parts)
         self._active.extend(new)
         for t in new:
             if t.nsteps == 0:  # joins for the first time (not back from an out-of-memory eviction)
@@ -383,13 +443,17 @@ class BatchRelaxer:
         batch = state.as_atoms_batch()
         keys = [t.index for t in self._active]
         n_sys, n_atoms = state.num_systems, state.num_atoms
+        stress = None
         try:
-            energy, forces = self.potential(batch, keys)
+            if self.cell_filter is not None:
+                energy, forces, stress = self.potential(batch, keys, stress=True)
+            else:
+                energy, forces = self.potential(batch, keys)
         except InputError:
             # a structure the potential rejects (e.g. atoms collapsed to < 0.1 Å, an element
             # it has no parameters for): find it by evaluating one system at a time, so that
             # only it fails
-            energy, forces = self._evaluate_one_by_one(batch, keys)
+            energy, forces, stress = self._evaluate_one_by_one(batch, keys)
         except Exception as exc:  # noqa: BLE001 - only OOM is handled, the rest re-raised
             if not is_out_of_memory(exc):
                 raise
@@ -397,28 +461,43 @@ class BatchRelaxer:
             self.stats.system_evaluations += n_sys
             self._handle_oom()
             return False
-        lbfgs_set_results(state, torch.as_tensor(energy), torch.as_tensor(forces))
+        if isinstance(state, CellLBFGSState):
+            assert self.cell_filter is not None and stress is not None
+            cell_set_results(state, torch.as_tensor(energy), torch.as_tensor(forces), torch.as_tensor(stress),
+                             self.cell_filter)
+        else:
+            lbfgs_set_results(state, torch.as_tensor(energy), torch.as_tensor(forces))
         self.stats.potential_calls += 1
         self.stats.system_evaluations += n_sys
         self.stats.useful_evaluations += n_sys
         self.stats.atoms_evaluated += n_atoms
         return True
 
-    def _evaluate_one_by_one(self, batch: AtomsBatch, keys: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _evaluate_one_by_one(
+        self, batch: AtomsBatch, keys: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Evaluate each system alone; those the potential rejects get NaN results and an
-        entry in ``self._invalid`` (the failure reason with the potential's message)."""
-        energies, forces = [], []
+        entry in ``self._invalid`` (the failure reason with the potential's message). The
+        stress is None unless this is a cell relaxation."""
+        with_stress = self.cell_filter is not None
+        energies, forces, stresses = [], [], []
         for key, sub in zip(keys, batch.split()):
             try:
-                e, f = self.potential(sub, [key])
+                if with_stress:
+                    e, f, st = self.potential(sub, [key], stress=True)
+                else:
+                    e, f = self.potential(sub, [key])
             except InputError as exc:
                 kind = REASON_UNSUPPORTED_ELEMENT if isinstance(exc, UnsupportedElementError) else REASON_INVALID
                 self._invalid[key] = f"{kind}: {exc}"
                 e = torch.full((1,), math.nan, dtype=torch.float64, device=batch.device)
                 f = torch.full((sub.num_atoms, 3), math.nan, dtype=torch.float64, device=batch.device)
+                st = torch.full((1, 3, 3), math.nan, dtype=torch.float64, device=batch.device)
             energies.append(torch.as_tensor(e, dtype=torch.float64))
             forces.append(torch.as_tensor(f, dtype=torch.float64))
-        return torch.cat(energies), torch.cat(forces)
+            if with_stress:
+                stresses.append(torch.as_tensor(st, dtype=torch.float64))
+        return torch.cat(energies), torch.cat(forces), (torch.cat(stresses) if with_stress else None)
 
     def _handle_oom(self) -> None:
         if torch.cuda.is_available():
@@ -427,7 +506,8 @@ class BatchRelaxer:
         assert state is not None
         if len(active) == 1:
             self._retire_oom(active[0], state)
-            self._history.release(state.rows.cpu().numpy())
+            rows = state.history_rows() if isinstance(state, CellLBFGSState) else state.rows
+            self._history.release(rows.cpu().numpy())
             self._active, self._state = [], None
             return
         atoms = sum(t.natoms for t in active)
@@ -453,7 +533,18 @@ class BatchRelaxer:
         last evaluation (energy, raw forces) belongs to ``state.r0``.
         """
         template = self._atoms[track.index]
-        if track.nsteps > 0:
+        stress = None
+        if track.nsteps > 0 and isinstance(state, CellLBFGSState):
+            pos, cell = state.last_evaluated()
+            stress = state.stress[0].detach().cpu().numpy()
+            frame = make_frame(template, pos, float(state.energy[0]), state.forces.detach().cpu().numpy(),
+                               cell=cell[0], stress=stress)
+            # the generalized forces of that evaluation are the ones the step stored
+            fmax = float(torch.linalg.vector_norm(
+                torch.cat([state.f0, state.cell_forces0.reshape(-1, 3)]), dim=1).max())
+            nsteps, saved = track.nsteps - 1, bool(
+                track.nsteps == 1 or (self.save_every and (track.nsteps - 1) % self.save_every == 0))
+        elif track.nsteps > 0:
             forces = state.forces.detach().cpu().numpy()
             frame = make_frame(template, state.r0.detach().cpu().numpy(),
                                float(state.energy[0]), forces)
@@ -465,14 +556,17 @@ class BatchRelaxer:
             frame = make_frame(template, template.get_positions(), math.nan, np.full((n, 3), math.nan))
             fmax, nsteps, saved = math.nan, 0, False
         self._finish(track, frame, energy=frame.calc.results["energy"], fmax=fmax, nsteps=nsteps,
-                     converged=False, failed=True, reason=REASON_OOM, final_is_saved=saved)
+                     converged=False, failed=True, reason=REASON_OOM, final_is_saved=saved, stress=stress)
 
     def _check_and_retire(self) -> int:
         state = self._state
         assert state is not None
-        fmax = system_fmax(state)
+        is_cell = isinstance(state, CellLBFGSState)
+        fmax = cell_system_fmax(state) if is_cell else system_fmax(state)
         bad_atom = (~torch.isfinite(state.forces)).any(dim=1).to(torch.float64)
         non_finite = (segment_max(bad_atom, state.system_idx, state.num_systems) > 0) | ~torch.isfinite(state.energy)
+        if is_cell:
+            non_finite = non_finite | ~torch.isfinite(state.stress).flatten(1).all(dim=1)
         exploded = ~non_finite & (fmax > self.max_force)
         converged = ~non_finite & ~exploded & (fmax < self.fmax)
         # one host sync per iteration: [4, S] flags/values
@@ -488,6 +582,11 @@ class BatchRelaxer:
             return 0
         if done:
             rows = state.rows.cpu().numpy()
+            if is_cell:
+                cell_rows = state.cell_rows.cpu().numpy()
+        if is_cell:
+            cells = state.cell.detach().cpu().numpy()
+            stresses = state.stress.detach().cpu().numpy()
         pos = state.positions.detach().cpu().numpy()
         frc = state.forces.detach().cpu().numpy()
         eng = state.energy.detach().cpu().numpy()
@@ -496,7 +595,11 @@ class BatchRelaxer:
         for j in need:
             t = self._active[j]
             a, b = bounds[j], bounds[j + 1]
-            frame = make_frame(self._atoms[t.index], pos[a:b], eng[j], frc[a:b])
+            if is_cell:
+                frame = make_frame(self._atoms[t.index], pos[a:b], eng[j], frc[a:b], cell=cells[j],
+                                   stress=stresses[j])
+            else:
+                frame = make_frame(self._atoms[t.index], pos[a:b], eng[j], frc[a:b])
             if t.nsteps == 0:
                 t.initial_energy = float(eng[j])
             saved = t.nsteps == 0 or bool(self.save_every and t.nsteps % self.save_every == 0)
@@ -504,6 +607,8 @@ class BatchRelaxer:
                 t.frames.append(frame)
             if j in done_set:
                 self._history.release(rows[a:b])
+                if is_cell:
+                    self._history.release(cell_rows[j])
                 if t.index in self._invalid:
                     reason, failed = self._invalid[t.index], True
                 elif non_finite_h[j]:
@@ -516,7 +621,7 @@ class BatchRelaxer:
                     reason, failed = REASON_MAX_STEPS, False
                 self._finish(t, frame, energy=float(eng[j]), fmax=float(fmax_h[j]), nsteps=t.nsteps,
                              converged=bool(converged_h[j]), failed=failed, reason=reason,
-                             final_is_saved=saved)
+                             final_is_saved=saved, stress=stresses[j].copy() if is_cell else None)
         if done:
             keep = [j for j in range(len(self._active)) if j not in done_set]
             self._active = [self._active[j] for j in keep]
@@ -524,13 +629,14 @@ class BatchRelaxer:
         return len(done)
 
     def _finish(self, track: _Track, frame: Atoms, *, energy: float, fmax: float, nsteps: int,
-                converged: bool, failed: bool, reason: str, final_is_saved: bool) -> None:
+                converged: bool, failed: bool, reason: str, final_is_saved: bool,
+                stress: np.ndarray | None = None) -> None:
         if not final_is_saved:
             track.frames.append(frame)
         result = RelaxResult(
             index=track.index, name=self._names[track.index], atoms=frame, energy=energy,
             fmax=fmax, nsteps=nsteps, converged=converged, failed=failed, reason=reason,
-            initial_energy=track.initial_energy, trajectory=track.frames,
+            initial_energy=track.initial_energy, trajectory=track.frames, stress=stress,
         )
         self._results[track.index] = result
         self.potential.release(track.index)
@@ -546,7 +652,10 @@ class BatchRelaxer:
         assert state is not None
         # count <= iteration - 1 before this step's update; lets the two-loop skip empty slots
         state.max_count = min(state.history_size, max(0, max(t.nsteps for t in self._active) - 1))
-        lbfgs_step(state, self.params)
+        if isinstance(state, CellLBFGSState):
+            cell_lbfgs_step(state, self.params)
+        else:
+            lbfgs_step(state, self.params)
         for t in self._active:
             t.nsteps += 1
 
@@ -567,6 +676,7 @@ def relax_batch(
     progress: bool = True,
     on_result: Callable[[RelaxResult], None] | None = None,
     stats: RelaxStats | None = None,
+    cell_filter: CellFilter | str | None = None,
     **optimizer_options: Any,
 ) -> list[RelaxResult]:
     """Relax every structure in ``atoms_list`` with batched L-BFGS (ASE semantics).
@@ -603,26 +713,44 @@ def relax_batch(
     stats:
         If given, filled with run counters (:class:`RelaxStats`: utilization, potential
         calls, wall time, ...).
+    cell_filter:
+        None (default): relax positions, cells fixed. ``"frechet"``: relax positions and cell
+        of every structure together, with the degrees of freedom, scaling and convergence test
+        of ASE's ``FrechetCellFilter`` (:mod:`eqv2_calc.relax.cell`); needs a potential with
+        stress (``provides_stress``, e.g. EMT) and 3-D periodic structures. ``fmax`` then
+        applies to the generalized forces (atoms and cell rows), ``maxstep`` to their rows.
+        Options (ASE names, only with ``cell_filter``): ``exp_cell_factor`` (default: atoms
+        per structure), ``hydrostatic_strain=False``, ``constant_volume=False``,
+        ``scalar_pressure=0.0`` (eV/Å³); or pass a
+        :class:`~eqv2_calc.relax.cell.CellFilter`.
     **optimizer_options:
         L-BFGS options with ASE names and defaults: ``maxstep=0.2`` (Å), ``memory=100``,
         ``damping=1.0``, ``alpha=70.0`` (eV/Å², H0 = 1/alpha), plus
-        ``curvature_guard="skip"`` (see :mod:`eqv2_calc.relax.lbfgs`).
+        ``curvature_guard="skip"`` (see :mod:`eqv2_calc.relax.lbfgs`), and the cell-filter
+        options above.
 
     Returns
     -------
     list[RelaxResult]
         One result per input structure, in input order.
     """
+    cell_options = {k: optimizer_options.pop(k) for k in CELL_FILTER_OPTIONS if k in optimizer_options}
     unknown = sorted(set(optimizer_options) - set(OPTIMIZER_OPTIONS))
     if unknown:
         raise InputError(
-            f"unknown optimizer option(s) {unknown}; valid: {', '.join(OPTIMIZER_OPTIONS)}"
+            f"unknown optimizer option(s) {unknown}; valid: {', '.join(OPTIMIZER_OPTIONS + CELL_FILTER_OPTIONS)}"
         )
+    if cell_options:
+        if cell_filter is None:
+            raise InputError(f"{sorted(cell_options)} only apply to a cell relaxation: pass cell_filter='frechet'")
+        if isinstance(cell_filter, CellFilter):
+            raise InputError(f"pass {sorted(cell_options)} inside the CellFilter, not next to it")
+        cell_filter = CellFilter(kind=cell_filter, **cell_options)  # type: ignore[arg-type]
     relaxer = BatchRelaxer(
         potential, fmax=fmax, steps=steps, params=LBFGSParams(**optimizer_options),
         max_atoms=max_atoms, max_edges=max_edges, fix_tag0=fix_tag0, max_force=max_force,
         save_every=save_every, trajectory_dir=trajectory_dir, progress=progress,
-        on_result=on_result,
+        on_result=on_result, cell_filter=cell_filter,
     )
     results = relaxer.run(atoms_list, names=names)
     if stats is not None:

@@ -105,6 +105,7 @@ class FaultyPotential(Potential):
         self.base = base
         self.device = base.device
         self.counts_edges = base.counts_edges
+        self.provides_stress = base.provides_stress
         self.nan_when = nan_when
         self.oom_when = oom_when
         self.calls = 0
@@ -119,16 +120,22 @@ class FaultyPotential(Potential):
     def release(self, key: Hashable) -> None:
         self.base.release(key)
 
+    def __repr__(self) -> str:
+        return f"FaultyPotential({self.base!r})"
+
     def __call__(
-        self, batch: AtomsBatch, keys: Sequence[Hashable] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, batch: AtomsBatch, keys: Sequence[Hashable] | None = None, *, stress: bool = False
+    ) -> tuple[torch.Tensor, ...]:
         self.calls += 1
         if self.oom_when is not None and self.oom_when(batch, self.calls):
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by test)")
         self.batch_sizes.append(int(batch.positions.shape[0]))
-        energy, forces = self.base(batch, keys)
+        out = self.base(batch, keys, stress=True) if stress else self.base(batch, keys)
+        energy, forces = out[0], out[1]
         if self.nan_when is not None:
             bad = self.nan_when(batch, self.calls).to(energy.device)
             energy = torch.where(bad, torch.full_like(energy, float("nan")), energy)
             forces = torch.where(bad[batch.system_idx][:, None], torch.full_like(forces, float("nan")), forces)
+        if stress:
+            return energy, forces, out[2]
         return energy, forces
