@@ -1,10 +1,11 @@
 """ASE calculator for EquiformerV2 checkpoints.
 
-``EquiformerV2Calculator`` follows the ASE conventions: class-level
-``implemented_properties`` (energy, free_energy = energy, forces), raw forces (ASE applies
-``FixAtoms``), results cached until positions, numbers, cell or pbc change. It evaluates one
-structure per call; :meth:`EquiformerV2Calculator.predict_batch` packs many structures into
-batches under an atom/edge budget.
+``EquiformerV2Calculator`` follows the ASE conventions: ``implemented_properties`` (energy,
+free_energy = energy, forces, and stress for checkpoints with a stress head), raw forces (ASE
+applies ``FixAtoms``), stress in Voigt order (xx, yy, zz, yz, xz, xy) in eV/Å³, results cached
+until positions, numbers, cell or pbc change. It evaluates one structure per call;
+:meth:`EquiformerV2Calculator.predict_batch` packs many structures into batches under an
+atom/edge budget.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, Sequence
 import torch
 from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
+from ase.stress import full_3x3_to_voigt_6_stress
 
 from eqv2_calc.batching import DEFAULT_MAX_ATOMS, DEFAULT_MAX_EDGES, Budget, is_out_of_memory
 from eqv2_calc.errors import CheckpointError, InputError
@@ -48,10 +50,15 @@ class EquiformerV2Calculator(Calculator):
         speed (it keeps its temporaries small and reused); the ``eqv2``/``adsorbml`` CLIs set it.
 
     Results: ``energy`` / ``free_energy`` in eV (meaning: ``calc.metadata["energy_convention"]``),
-    ``forces`` [N, 3] in eV/Å, unconstrained.
+    ``forces`` [N, 3] in eV/Å, unconstrained; for checkpoints with a stress head (the materials
+    models) also ``stress``: Voigt 6 (xx, yy, zz, yz, xz, xy) in eV/Å³ with ASE's sign convention
+    (negative when compressed; pressure = −trace/3), predicted directly by the model. Stress is
+    defined for structures periodic in all three directions: it is computed whenever the
+    structure is, and asking for it otherwise raises :class:`~eqv2_calc.errors.InputError`.
     """
 
     implemented_properties = ("energy", "free_energy", "forces")
+    """Without a stress head; an instance whose checkpoint has one also lists ``stress``."""
 
     def __init__(
         self,
@@ -77,6 +84,8 @@ class EquiformerV2Calculator(Calculator):
             potential = load_potential(source or default_checkpoint(), device=device, dtype=dtype, use_ema=use_ema,
                                        trust_checkpoint=trust_checkpoint)
         self.potential = potential
+        if potential.provides_stress:
+            self.implemented_properties = (*type(self).implemented_properties, "stress")
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -91,9 +100,19 @@ class EquiformerV2Calculator(Calculator):
         system_changes: Sequence[str] = all_changes,
     ) -> None:
         Calculator.calculate(self, atoms, properties, system_changes)
-        energy, forces = self.potential(atoms_to_batch([self.atoms], self.potential.device))
-        e = float(energy[0])
-        self.results = {"energy": e, "free_energy": e, "forces": forces.cpu().numpy()}
+        batch = atoms_to_batch([self.atoms], self.potential.device)
+        with_stress = self.potential.provides_stress and bool(batch.pbc.all())
+        if properties is not None and "stress" in properties and not with_stress:
+            if self.potential.provides_stress:
+                self.potential.check_stress_pbc(batch)  # raises: not periodic in 3-D
+            from ase.calculators.calculator import PropertyNotImplementedError
+
+            raise PropertyNotImplementedError("stress: this checkpoint has no stress head")
+        out = self.potential(batch, stress=with_stress)
+        e = float(out[0][0])
+        self.results = {"energy": e, "free_energy": e, "forces": out[1].cpu().numpy()}
+        if with_stress:
+            self.results["stress"] = full_3x3_to_voigt_6_stress(out[2][0].cpu().numpy())
 
     def predict_batch(
         self,
@@ -101,15 +120,20 @@ class EquiformerV2Calculator(Calculator):
         max_atoms: int | None = DEFAULT_MAX_ATOMS,
         max_edges: int | None = DEFAULT_MAX_EDGES,
         progress: bool = False,
+        stress: bool | None = None,
     ) -> list[dict[str, Any]]:
-        """Energies and forces of many structures, evaluated in packed batches.
+        """Energies and forces (and stresses) of many structures, evaluated in packed batches.
 
         Structures are grouped in input order so that each model call holds at most
         ``max_atoms`` atoms and ``max_edges`` edges (defaults 4096 and 100 000; None =
         unlimited; a single larger structure runs alone).
-        Returns one dict per structure: ``energy`` (float, eV), ``forces`` ((n, 3) array, eV/Å).
+        Returns one dict per structure: ``energy`` (float, eV), ``forces`` ((n, 3) array, eV/Å)
+        and, for a checkpoint with a stress head, ``stress`` (Voigt 6 array (xx, yy, zz, yz, xz,
+        xy), eV/Å³, as ``calc.results["stress"]``) for every structure periodic in 3-D.
+        ``stress``: None (default) = as just said; True = required (InputError for a checkpoint
+        without a stress head or a structure not periodic in 3-D); False = not computed.
         """
-        return predict_batch(self.potential, atoms_list, max_atoms, max_edges, progress)
+        return predict_batch(self.potential, atoms_list, max_atoms, max_edges, progress, stress=stress)
 
 
 def predict_batch(
@@ -118,6 +142,7 @@ def predict_batch(
     max_atoms: int | None = DEFAULT_MAX_ATOMS,
     max_edges: int | None = DEFAULT_MAX_EDGES,
     progress: bool = False,
+    stress: bool | None = None,
 ) -> list[dict[str, Any]]:
     """See :meth:`EquiformerV2Calculator.predict_batch`.
 
@@ -132,6 +157,15 @@ def predict_batch(
         if not isinstance(a, Atoms):
             raise InputError(f"structure {i} is a {type(a).__name__}, expected ase.Atoms")
         check_atoms(a, i)
+    provides_stress = bool(getattr(potential, "provides_stress", False))
+    if stress:
+        if not provides_stress:
+            raise InputError("stress=True: this checkpoint has no stress head (only the materials models have one)")
+        for i, a in enumerate(atoms_list):
+            if not all(a.pbc):
+                raise InputError(f"structure {i}: stress is defined only for structures periodic in all three "
+                                 f"directions (pbc={a.pbc.tolist()})")
+    with_stress = provides_stress if stress is None else bool(stress)
     from tqdm.auto import tqdm
 
     results: list[dict[str, Any]] = []
@@ -147,32 +181,42 @@ def predict_batch(
                 raise type(exc)(f"structure {i}: {exc}") from exc
             n, e = len(a), int(graph.num_edges[0])
             if pending and not budget.fits(atoms + n, edges + e):
-                results += _evaluate_chunk(potential, pending)
+                results += _evaluate_chunk(potential, pending, with_stress)
                 bar.update(len(pending))
                 pending, atoms, edges = [], 0, 0
             pending.append((batch, graph))
             atoms, edges = atoms + n, edges + e
         if pending:
-            results += _evaluate_chunk(potential, pending)
+            results += _evaluate_chunk(potential, pending, with_stress)
             bar.update(len(pending))
     return results
 
 
 def _evaluate_chunk(
-    potential: EquiformerV2Potential, parts: list[tuple[AtomsBatch, Graph]]
+    potential: EquiformerV2Potential, parts: list[tuple[AtomsBatch, Graph]], with_stress: bool = False
 ) -> list[dict[str, Any]]:
-    """Evaluate single-structure (batch, graph) pairs in one model call; halve on out-of-memory."""
+    """Evaluate single-structure (batch, graph) pairs in one model call; halve on out-of-memory.
+    With ``with_stress``, structures periodic in 3-D also get their ``stress`` (Voigt 6, eV/Å³)."""
     batch = AtomsBatch.concat([b for b, _ in parts])
     graph = Graph.concat([g for _, g in parts], [b.num_atoms for b, _ in parts])
+    periodic = batch.pbc.bool().all(dim=1).cpu().numpy()
+    with_stress = with_stress and bool(periodic.any())
     try:
-        energy, forces = potential.evaluate(batch, graph)
+        out = potential.evaluate(batch, graph, stress=True) if with_stress else potential.evaluate(batch, graph)
     except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled
         if len(parts) == 1 or not is_out_of_memory(exc):
             raise
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         half = len(parts) // 2
-        return _evaluate_chunk(potential, parts[:half]) + _evaluate_chunk(potential, parts[half:])
-    energy, forces = energy.cpu().numpy(), forces.cpu().numpy()
+        return (_evaluate_chunk(potential, parts[:half], with_stress)
+                + _evaluate_chunk(potential, parts[half:], with_stress))
+    energy, forces = out[0].cpu().numpy(), out[1].cpu().numpy()
     bounds = batch.atom_bounds()
-    return [{"energy": float(energy[k]), "forces": forces[bounds[k] : bounds[k + 1]]} for k in range(len(parts))]
+    results = [{"energy": float(energy[k]), "forces": forces[bounds[k] : bounds[k + 1]]} for k in range(len(parts))]
+    if with_stress:
+        stress = out[2].cpu().numpy()
+        for k, res in enumerate(results):
+            if periodic[k]:
+                res["stress"] = full_3x3_to_voigt_6_stress(stress[k])
+    return results

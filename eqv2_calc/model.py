@@ -10,7 +10,9 @@ Shapes: N atoms, E edges, S systems, K = (L+1)², Kr = edge-frame rows, C channe
 Node features [N, K, C] live in the global frame (full l-primary layout); per-edge features
 live in the edge frame (m-primary layout). Outputs are de-normalized inside the model:
 energy = (Σ_i e_i / avg_num_nodes [+ Σ_i lin_ref[Z_i]]) · energy_std + energy_mean
-[+ Σ_i element_ref[Z_i]] and forces = f_i · force_std + force_mean.
+[+ Σ_i element_ref[Z_i]] and forces = f_i · force_std + force_mean. Models of the materials
+checkpoints (OMat24, MPtrj, sAlex, DeNS) also have a stress head
+(:class:`eqv2_calc.nn.rank2.Rank2StressHead`, ``regress_stress``): stress [S, 3, 3] in eV/Å³.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from eqv2_calc.nn.embedding import EdgeDegreeEmbedding
 from eqv2_calc.nn.feedforward import GridFeedForward
 from eqv2_calc.nn.norm import EquivariantLayerNormSH
 from eqv2_calc.nn.radial import GaussianBasis
+from eqv2_calc.nn.rank2 import Rank2StressHead
 from eqv2_calc.so3.grid import edge_grid, node_grid
 from eqv2_calc.so3.layout import degree_rescale, mprimary_index
 from eqv2_calc.so3.wigner import edge_wigner
@@ -42,7 +45,10 @@ class EquiformerV2Config:
     ``max_radius`` is the graph cutoff in Å; ``max_neighbors`` caps neighbours per atom
     (``enforce_max_neighbors_strictly``: exactly that many, else all within 0.01 Å² of the
     (max_neighbors+1)-th). ``avg_num_nodes`` / ``avg_degree`` are the normalisation
-    constants of the energy sum and the edge-degree embedding.
+    constants of the energy sum and the edge-degree embedding; ``energy_reduce`` "sum" divides
+    the energy sum by ``avg_num_nodes`` (every official checkpoint), "mean" by the number of
+    atoms of each system. ``regress_stress`` adds the rank-2 stress head of the materials
+    checkpoints (``stress_mlp_layers`` linear layers in each of its MLPs).
     """
 
     num_layers: int = 12
@@ -68,6 +74,9 @@ class EquiformerV2Config:
     avg_degree: float = AVG_DEGREE_OC20
     use_energy_lin_ref: bool = False
     regress_forces: bool = True
+    energy_reduce: str = "sum"
+    regress_stress: bool = False
+    stress_mlp_layers: int = 2
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -121,6 +130,8 @@ class EquiformerV2(nn.Module):
                 C, cfg.attn_hidden_channels, cfg.num_heads, cfg.attn_alpha_channels,
                 cfg.attn_value_channels, 1, L, M, radial, own, cfg.use_attn_renorm,
             )
+        if cfg.regress_stress:
+            self.stress_head = Rank2StressHead(C, L, cfg.stress_mlp_layers)
         if cfg.use_energy_lin_ref:
             self.register_buffer("energy_lin_ref", torch.zeros(Z))
         # output de-normalisation (set from the checkpoint's normalizers / elementrefs)
@@ -147,6 +158,8 @@ class EquiformerV2(nn.Module):
         self.register_buffer("mprimary", mprimary_index(L, M).to(device), persistent=False)
         for name, value in consts.items():
             self.register_buffer(name, value.to(dtype=dtype, device=device), persistent=False)
+        if cfg.regress_stress:
+            self.stress_head.reset_derived_buffers()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -180,13 +193,19 @@ class EquiformerV2(nn.Module):
         edge_vec: torch.Tensor,
         system_idx: torch.Tensor,
         num_systems: int,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Energies [S] (eV) and forces [N, 3] (eV/Å; None without a force head).
+        stress: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Energies [S] (eV) and forces [N, 3] (eV/Å; None without a force head); with
+        ``stress=True`` also the stress [S, 3, 3] (eV/Å³, needs ``cfg.regress_stress``; only
+        meaningful for systems periodic in 3-D, which the caller checks).
 
         numbers [N] int64 (0 < Z < max_num_elements), edge_src/edge_dst [E] int64 (message
         j → i), edge_vec [E, 3] = r_j + shift − r_i in Å (model dtype), system_idx [N].
         """
-        ctx = self.edge_context(numbers, edge_src, edge_dst, edge_vec.to(self.dtype))
+        if stress and not self.cfg.regress_stress:
+            raise ValueError("this model has no stress head (cfg.regress_stress is False)")
+        edge_vec = edge_vec.to(self.dtype)
+        ctx = self.edge_context(numbers, edge_src, edge_dst, edge_vec)
         x = self.edge_degree_embedding(ctx)
         x[:, 0] += self.sphere_embedding(numbers)
         edge_grids = (self.edge_to_grid, self.edge_from_grid)
@@ -195,7 +214,11 @@ class EquiformerV2(nn.Module):
             x = block(x, ctx, edge_grids, node_grids)
         x = self.norm(x)
         node_energy = self.energy_block(x, *node_grids)[:, 0, 0]
-        energy = x.new_zeros(num_systems).index_add_(0, system_idx, node_energy) / self.cfg.avg_num_nodes
+        energy = x.new_zeros(num_systems).index_add_(0, system_idx, node_energy)
+        if self.cfg.energy_reduce == "mean":
+            energy = energy / torch.bincount(system_idx, minlength=num_systems).to(energy.dtype)
+        else:
+            energy = energy / self.cfg.avg_num_nodes
         if self.cfg.use_energy_lin_ref:
             energy = energy.index_add_(0, system_idx, self.energy_lin_ref[numbers])
         energy = energy * self.energy_std + self.energy_mean
@@ -203,4 +226,6 @@ class EquiformerV2(nn.Module):
         forces = None
         if self.cfg.regress_forces:
             forces = self.force_block(x, ctx, *edge_grids)[:, 1:4, 0] * self.force_std + self.force_mean
+        if stress:
+            return energy, forces, self.stress_head(x, edge_src, edge_dst, edge_vec, system_idx, num_systems)
         return energy, forces

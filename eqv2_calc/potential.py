@@ -267,7 +267,9 @@ class EquiformerV2Potential(Potential):
     Builds the radius graph of each system (the checkpoint's cutoff, max_neighbors and strict
     mode), runs the model without autograd and returns float64 energies [S] (eV) and forces
     [N, 3] (eV/Å). Atoms with no neighbour within the cutoff get the model's isolated-atom
-    energy and zero force. Stateless; counts edges.
+    energy and zero force. Stateless; counts edges. ``provides_stress`` is True for checkpoints
+    with a stress head (the materials models): ``potential(batch, stress=True)`` then also
+    returns the stress [S, 3, 3] (float64, eV/Å³, ASE sign convention) of systems periodic in 3-D.
     """
 
     counts_edges = True
@@ -276,6 +278,7 @@ class EquiformerV2Potential(Potential):
         self.model = model
         self.meta = meta
         self.device = model.device
+        self.provides_stress = bool(model.cfg.regress_stress)
 
     @property
     def cutoff(self) -> float:
@@ -303,22 +306,54 @@ class EquiformerV2Potential(Potential):
         return self.graph(batch).num_edges
 
     @torch.inference_mode()
-    def evaluate(self, batch: AtomsBatch, graph: Graph) -> tuple[torch.Tensor, torch.Tensor]:
-        """Energies [S] and forces [N, 3] (float64, eV and eV/Å) for a batch and its graph."""
+    def evaluate(
+        self, batch: AtomsBatch, graph: Graph, stress: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Energies [S] and forces [N, 3] (float64, eV and eV/Å) for a batch and its graph; with
+        ``stress=True`` (a stress head is needed) also the stress [S, 3, 3] (float64, eV/Å³) of
+        every system — meaningful only for systems periodic in 3-D, which this does not check."""
         self.check_numbers(batch.numbers)
-        energy, forces = self.model(
+        if stress:
+            self._require_stress_head()
+        out = self.model(
             batch.numbers, graph.src, graph.dst, graph.vec,
-            batch.system_idx, batch.num_systems,
+            batch.system_idx, batch.num_systems, stress=stress,
         )
+        energy, forces = out[0], out[1]
         if forces is None:
             forces = torch.zeros_like(batch.positions)
+        if stress:
+            return energy.double(), forces.double(), out[2].double()
         return energy.double(), forces.double()
 
+    def _require_stress_head(self) -> None:
+        if not self.provides_stress:
+            what = self.meta.path if self.meta is not None else "this model"
+            raise InputError(
+                f"stress was requested, but {what} has no stress head (provides_stress=False); only the "
+                "materials checkpoints (OMat24, MPtrj, sAlex, DeNS) predict stress"
+            )
+
+    @staticmethod
+    def check_stress_pbc(batch: AtomsBatch) -> None:
+        """Raise :class:`InputError` unless every system of ``batch`` is periodic in all three directions."""
+        pbc = batch.pbc.bool().all(dim=1)
+        if not bool(pbc.all()):
+            bad = torch.nonzero(~pbc).flatten().tolist()
+            raise InputError(
+                f"stress is defined only for systems periodic in all three directions; system(s) {bad[:10]} "
+                f"of the batch have pbc {batch.pbc[bad[0]].tolist()} (a slab needs pbc=True with vacuum in "
+                "its cell, a molecule has no stress)"
+            )
+
     def __call__(
-        self, batch: AtomsBatch, keys: Sequence[Hashable] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, batch: AtomsBatch, keys: Sequence[Hashable] | None = None, *, stress: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         batch = batch.as_atoms_batch().to(self.device)
-        return self.evaluate(batch, self.graph(batch))
+        if stress:
+            self._require_stress_head()
+            self.check_stress_pbc(batch)
+        return self.evaluate(batch, self.graph(batch), stress=stress)
 
 
 def load_potential(

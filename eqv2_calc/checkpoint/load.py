@@ -8,12 +8,17 @@ Supported layouts:
 * fairchem 1.x: ``config["model"] = {"name": "equiformer_v2", ...}``, normalizers keyed
   ``energy`` / ``forces`` with ``std`` or ``rmsd``, optional ``elementrefs``;
 * hydra: ``config["model"] = {"name": "hydra", "backbone": {...}, "heads": {...}}`` with
-  ``backbone.*``, ``output_heads.energy.energy_block.*``, ``output_heads.forces.force_block.*``.
+  ``backbone.*``, ``output_heads.energy.energy_block.*``, ``output_heads.forces.force_block.*``;
+  the materials checkpoints (OMat24, MPtrj, sAlex) add a stress head
+  (``rank2_symmetric_head``: ``output_heads.stress.*``, normalizers ``stress_isotropic`` /
+  ``stress_anisotropic``), and the DeNS ones use the DeNS backbone and heads under every name
+  fairchem releases gave them (:data:`BACKBONE_NAMES`, :data:`HEAD_NAMES`; keys in
+  :mod:`eqv2_calc.checkpoint.keymap`).
 
 Weights come from ``state_dict`` like fairchem's OCPCalculator; ``use_ema=True`` takes the
 ``ema`` shadow weights instead when the file has them. Output de-normalisation
-(normalizers, OC22 ``energy_lin_ref``, fairchem 1.x ``elementrefs``) is applied exactly as
-OCPCalculator does, inside the model.
+(normalizers, OC22 ``energy_lin_ref``, fairchem 1.x ``elementrefs``, the two stress parts) is
+applied exactly as OCPCalculator does, inside the model.
 
 Files are unpickled with ``torch.load(weights_only=True)`` plus the small allow-list
 :func:`checkpoint_safe_globals`, scoped to the call (torch's global allow-list is left as it
@@ -36,13 +41,42 @@ from typing import Any
 
 import torch
 
-from eqv2_calc.checkpoint.keymap import is_derived, strip_prefixes
-from eqv2_calc.checkpoint.registry import file_sha256, resolve_checkpoint
+from eqv2_calc.checkpoint.keymap import DEFAULT_HEAD_ROLES, is_derived, is_folded, is_ignored, strip_prefixes
+from eqv2_calc.checkpoint.registry import file_sha256, model_info, resolve_checkpoint
 from eqv2_calc.errors import CheckpointError
 from eqv2_calc.model import AVG_DEGREE_OC20, AVG_NUM_NODES_OC20, EquiformerV2, EquiformerV2Config
 from eqv2_calc.so3.layout import reduced_to_mprimary
 
-_EQV2_NAMES = {"equiformer_v2", "equiformerv2", "equiformer_v2_backbone", "EquiformerV2", "EquiformerV2Backbone"}
+_DENS_BACKBONES = {"equiformer_v2_dens_backbone", "EqV2DeNSBackbone"}
+_EQV2_NAMES = {"equiformer_v2", "equiformerv2", "equiformer_v2_backbone", "EquiformerV2", "EquiformerV2Backbone",
+               *_DENS_BACKBONES}
+BACKBONE_NAMES = frozenset(_EQV2_NAMES)
+"""Model / backbone names read (registry names or the last component of a module path, e.g.
+``fairchem.core.models.equiformer_v2.equiformer_v2_dens.EqV2DeNSBackbone`` or the early
+``fairchem.experimental....equiformer_v2_denoising.EqV2DeNSBackbone``)."""
+HEAD_NAMES: dict[str, frozenset[str]] = {
+    "energy": frozenset({"equiformerV2_scalar_head", "equiformer_v2_energy_head", "EqV2ScalarHead",
+                         "EquiformerV2EnergyHead", "eqV2_DeNS_scalar_head", "DeNSScalarHead",
+                         "equiformer_v2_dens_energy_head", "DeNSEnergyHead"}),
+    "forces": frozenset({"equiformerV2_vector_head", "equiformer_v2_force_head", "EqV2VectorHead",
+                         "EquiformerV2ForceHead", "eqV2_DeNS_vector_head", "DeNSVectorHead",
+                         "equiformer_v2_dens_force_head", "DeNSForceHead"}),
+    "stress": frozenset({"rank2_symmetric_head", "Rank2SymmetricTensorHead", "dens_rank2_symmetric_head",
+                         "DeNSRank2Head"}),
+}
+"""Head role → module names read (registry names or the class name ending a module path such as
+``fairchem.core.models.equiformer_v2.heads.EqV2ScalarHead`` or
+``fairchem.core.models.equiformer_v2.prediction_heads.rank2.Rank2SymmetricTensorHead``)."""
+_HEAD_OPTIONS = {  # options a head config may carry (others could change the computation: refused)
+    "energy": {"module", "output_name", "reduce", "use_denoising"},
+    "forces": {"module", "output_name"},
+    "stress": {"module", "output_name", "decompose", "edge_level_mlp", "num_mlp_layers",
+               "use_source_target_embedding", "extensive", "avg_num_nodes", "default_norm_type", "use_denoising"},
+}
+_STRESS_REQUIRED = {  # option: (value required, fairchem default) — every official stress head
+    "decompose": (True, False), "edge_level_mlp": (False, False), "use_source_target_embedding": (True, False),
+    "extensive": (False, False),
+}
 _REQUIRED_VALUES = {  # option: values this implementation supports (all official checkpoints use these)
     "norm_type": {"layer_norm_sh"},
     "use_grid_mlp": {True},
@@ -79,9 +113,15 @@ class CheckpointMeta:
     num_parameters: int
     weights: str
     config: dict = field(repr=False)
+    properties: tuple[str, ...] = ("energy", "forces")
+    model_info: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "config"}
+
+    @property
+    def has_stress(self) -> bool:
+        return "stress" in self.properties
 
 
 class TrustedCheckpointWarning(UserWarning):
@@ -212,35 +252,117 @@ def _read(path: Path, trust_checkpoint: bool = False) -> dict:
     return ckpt
 
 
-def _model_options(config: dict, path: Path) -> dict:
-    """The EquiformerV2 hyper-parameters from any of the three config layouts."""
+@dataclass(frozen=True)
+class _Layout:
+    """What a config says about the model: backbone options and, for hydra files, the heads."""
+
+    opts: dict
+    head_roles: dict = field(default_factory=lambda: dict(DEFAULT_HEAD_ROLES))  # hydra head name → role
+    energy_reduce: str = "sum"
+    stress: dict | None = None  # {"output_name", "num_mlp_layers"} of the stress head
+    dens: bool = False
+
+
+def _short(name: Any) -> str:
+    return str(name).rsplit(".", 1)[-1]
+
+
+def _finetune_error(model: dict, path: Path) -> CheckpointError:
+    start = (model.get("finetune_config") or {}).get("starting_checkpoint")
+    return CheckpointError(
+        f"{path}: config['model'] is a hydra fine-tuning config without a 'backbone' section: it takes the "
+        f"architecture from its starting checkpoint {start!r} (finetune_config.starting_checkpoint), which "
+        "is not part of this file. The weights in state_dict are complete; to use the file, convert it: copy "
+        "config['model']['backbone'] (and config['model']['heads'] if this file has none) from the starting "
+        "checkpoint's config into this file's config['model'], delete config['model']['finetune_config'] "
+        "and save it again (torch.load / torch.save). The published OMat24/MPtrj/sAlex files already have it."
+    )
+
+
+def _hydra_heads(model: dict, path: Path) -> tuple[dict, str, dict | None]:
+    """(head name → role, energy reduction, stress-head settings) of a hydra config."""
+    heads = model.get("heads")
+    if not isinstance(heads, dict) or not heads:
+        raise _finetune_error(model, path) if "finetune_config" in model else CheckpointError(
+            f"{path}: hydra config without 'heads'")
+    roles: dict[str, str] = {}
+    reduce, stress = "sum", None
+    for head, hcfg in heads.items():
+        hcfg = hcfg or {}
+        module = _short(hcfg.get("module", ""))
+        role = next((r for r, names in HEAD_NAMES.items() if module in names), None)
+        if role is None:
+            raise CheckpointError(
+                f"{path}: output head {head!r} ({hcfg.get('module')!r}) is not supported; supported: "
+                "EquiformerV2 energy, force and rank-2 stress heads (including DeNS) under their fairchem names"
+            )
+        if role in roles.values():
+            raise CheckpointError(f"{path}: more than one {role} head ({sorted(heads)})")
+        unknown = set(hcfg) - _HEAD_OPTIONS[role]
+        if unknown:
+            raise CheckpointError(f"{path}: {role} head {head!r} has options eqv2-calc does not implement: "
+                                  f"{sorted(unknown)}")
+        roles[head] = role
+        if role == "energy":
+            reduce = hcfg.get("reduce", "sum")
+            if reduce not in ("sum", "mean"):
+                raise CheckpointError(f"{path}: energy head reduce={reduce!r}; expected 'sum' or 'mean'")
+        elif role == "stress":
+            for key, (required, default) in _STRESS_REQUIRED.items():
+                if bool(hcfg.get(key, default)) != required:
+                    raise CheckpointError(
+                        f"{path}: stress head {key}={hcfg.get(key, default)!r} is not supported (supported: "
+                        f"{required}, as in every official OMat24/MPtrj/sAlex/DeNS checkpoint)")
+            layers = int(hcfg.get("num_mlp_layers", 2))
+            if layers < 1:
+                raise CheckpointError(f"{path}: stress head num_mlp_layers={layers}")
+            stress = {"output_name": hcfg.get("output_name", "stress"), "num_mlp_layers": layers}
+    if "energy" not in roles.values():
+        raise CheckpointError(f"{path}: hydra model without an energy head ({sorted(heads)})")
+    return roles, reduce, stress
+
+
+def _model_options(config: dict, path: Path) -> _Layout:
+    """The EquiformerV2 hyper-parameters (and hydra heads) from any of the three config layouts."""
     model = config.get("model")
+    layout: dict[str, Any] = {}
     if isinstance(model, str):
         name, opts = model, dict(config.get("model_attributes", {}))
     elif isinstance(model, dict):
         name = model.get("name", "")
         opts = dict(model)
         if name == "hydra":
-            backbone = dict(model.get("backbone", {}))
+            if not isinstance(model.get("backbone"), dict):
+                raise _finetune_error(model, path)
+            backbone = dict(model["backbone"])
             name = backbone.pop("model", "")
             opts = backbone
-            heads = model.get("heads", {})
-            modules = {str(h.get("module", "")) for h in heads.values()}
-            bad = {m for m in modules if "dens" in m.lower()}
-            if bad or "dens" in name.lower():
-                raise CheckpointError(f"{path}: EquiformerV2 DeNS heads/backbones are not supported ({bad or name})")
+            roles, reduce, stress = _hydra_heads(model, path)
+            layout = dict(head_roles=roles, energy_reduce=reduce, stress=stress)
+            opts["regress_forces"] = "forces" in roles.values()
     else:
         raise CheckpointError(f"{path}: config['model'] is missing; not a fairchem model checkpoint")
-    short = name.rsplit(".", 1)[-1]
+    short = _short(name)
     if name not in _EQV2_NAMES and short not in _EQV2_NAMES:
         raise CheckpointError(
             f"{path} holds a {name!r} model, not EquiformerV2; eqv2-calc only runs EquiformerV2 checkpoints"
         )
-    return {**_FAIRCHEM_DEFAULTS, **opts}
+    dens = short in _DENS_BACKBONES
+    if dens:
+        missing = [k for k in ("avg_num_nodes", "avg_degree") if not opts.get(k)]
+        if missing:  # the DeNS classes of different releases default to different constants
+            raise CheckpointError(f"{path}: DeNS backbone config without {missing}; its releases used different "
+                                  "defaults, so the value cannot be inferred")
+    return _Layout(opts={**_FAIRCHEM_DEFAULTS, **opts}, dens=dens, **layout)
 
 
-def config_from_options(opts: dict, path: Path | str = "checkpoint") -> EquiformerV2Config:
-    """Map fairchem hyper-parameters onto :class:`EquiformerV2Config`, rejecting unsupported variants."""
+def config_from_options(
+    opts: dict, path: Path | str = "checkpoint", energy_reduce: str = "sum", stress_mlp_layers: int | None = None
+) -> EquiformerV2Config:
+    """Map fairchem hyper-parameters onto :class:`EquiformerV2Config`, rejecting unsupported variants.
+
+    ``energy_reduce`` / ``stress_mlp_layers`` (None: no stress head) come from a hydra file's heads.
+    """
     for key, allowed in _REQUIRED_VALUES.items():
         if opts.get(key) not in allowed:
             raise CheckpointError(
@@ -270,6 +392,9 @@ def config_from_options(opts: dict, path: Path | str = "checkpoint") -> Equiform
         avg_degree=float(opts["avg_degree"] or AVG_DEGREE_OC20),
         use_energy_lin_ref=bool(opts["use_energy_lin_ref"] and opts["load_energy_lin_ref"]),
         regress_forces=bool(opts["regress_forces"]),
+        energy_reduce=energy_reduce,
+        regress_stress=stress_mlp_layers is not None,
+        stress_mlp_layers=stress_mlp_layers or 2,
     )
 
 
@@ -283,6 +408,20 @@ def _normalizer(norms: dict, *names: str) -> tuple[float, float]:
     return 0.0, 1.0
 
 
+def _normalizer_tensors(norms: dict, name: str, size: int, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, rmsd) of normalizer ``name`` as [size] tensors (a scalar broadcasts); identity if absent."""
+    entry = norms.get(name)
+    if entry is None:
+        return torch.zeros(size), torch.ones(size)
+    out = []
+    for value in (entry.get("mean", 0.0), entry.get("std", entry.get("rmsd", 1.0))):
+        t = torch.as_tensor(value, dtype=torch.float32).flatten()
+        if t.numel() not in (1, size):
+            raise CheckpointError(f"{path}: normalizer {name!r} has {t.numel()} values, expected 1 or {size}")
+        out.append(t.expand(size).clone())
+    return out[0], out[1]
+
+
 def _element_refs(ckpt: dict) -> torch.Tensor | None:
     refs = (ckpt.get("elementrefs") or {}).get("energy")
     if refs is None:
@@ -292,30 +431,63 @@ def _element_refs(ckpt: dict) -> torch.Tensor | None:
     return None if refs is None else torch.as_tensor(refs, dtype=torch.float32).flatten()
 
 
-def _local_state(sd: dict[str, torch.Tensor], model: EquiformerV2, path: Path):
-    """Map keys; return (params/buffers to load, grid buffers, fairchem order of parameter keys)."""
+def _mapped_state(sd: dict[str, torch.Tensor], model: EquiformerV2, roles: dict[str, str], path: Path):
+    """Map keys; return (local key → tensor, grid buffers, local keys in the file's order).
+
+    Derived buffers are left out (the S2 grids are returned separately); DeNS training-only
+    blocks and encodings are kept here under their local names (dropped / folded later).
+    """
     cfg = model.cfg
     L, M = cfg.lmax, cfg.mmax
     grids: dict[str, torch.Tensor] = {}
-    state: dict[str, torch.Tensor] = {}
+    raw: dict[str, torch.Tensor] = {}
     order: list[str] = []
     for key, value in sd.items():
-        local = strip_prefixes(key)
+        local = strip_prefixes(key, roles)
         for name, (l, m, kind) in {"edge_to": (L, M, "to"), "edge_from": (L, M, "from"),
                                    "node_to": (L, L, "to"), "node_from": (L, L, "from")}.items():
             if local == f"SO3_grid.{l}.{m}.{kind}_grid_mat":  # with M == L one buffer serves both
                 grids.setdefault(name, value)
         if is_derived(local):
             continue
-        if local == "energy_lin_ref" and not cfg.use_energy_lin_ref:
-            continue
         if local.startswith("output_heads."):
             raise CheckpointError(
-                f"{path}: output head {local.split('.')[1]!r} is not supported (only energy and forces heads)"
+                f"{path}: output head {local.split('.')[1]!r} is not supported "
+                "(only energy, forces and stress heads)"
             )
-        state[local] = value
+        raw[local] = value
         order.append(local)
-    return state, grids, order
+    return raw, grids, order
+
+
+def _is_parameter(local: str, params: set[str]) -> bool:
+    """Whether fairchem holds ``local`` as a trainable parameter (so it has an EMA shadow)."""
+    if is_folded(local):
+        return True
+    if is_ignored(local):  # denoising_pos_block: the same module type as force_block
+        return "force_block." + local.split(".", 1)[1] in params
+    return local in params
+
+
+def _assemble(raw: dict[str, torch.Tensor], model: EquiformerV2, path: Path):
+    """(state for load_state_dict, [DeNS biases to add to the l = 0 atom embedding, in fairchem's order])."""
+    state, folded = {}, []
+    for local, value in raw.items():
+        if is_ignored(local):
+            continue
+        if is_folded(local):
+            if local.endswith(".bias"):
+                folded.append((local, value))
+            continue
+        if local == "energy_lin_ref" and not model.cfg.use_energy_lin_ref:
+            continue
+        state[local] = value
+    order = {"force_embedding.bias": 0, "noise_schedule_sigma_embedding.bias": 1}  # fairchem adds them in this order
+    folded.sort(key=lambda kv: order.get(kv[0], 2))
+    for name, bias in folded:
+        if bias.shape != (model.cfg.sphere_channels,):
+            raise CheckpointError(f"{path}: {name} has shape {tuple(bias.shape)}, expected ({model.cfg.sphere_channels},)")
+    return state, [b for _, b in folded]
 
 
 def _set_grids(model: EquiformerV2, grids: dict[str, torch.Tensor]) -> None:
@@ -354,13 +526,15 @@ def load_model(
         raise CheckpointError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     path = resolve_checkpoint(path_or_name)
     ckpt = _read(path, trust_checkpoint=trust_checkpoint)
-    opts = _model_options(ckpt["config"], path)
-    cfg = config_from_options(opts, path)
+    layout = _model_options(ckpt["config"], path)
+    cfg = config_from_options(layout.opts, path, layout.energy_reduce,
+                              layout.stress["num_mlp_layers"] if layout.stress else None)
     model = EquiformerV2(cfg)
-    state, grids, order = _local_state(ckpt["state_dict"], model, path)
+    raw, grids, order = _mapped_state(ckpt["state_dict"], model, layout.head_roles, path)
     weights = "state_dict"
     if use_ema:
-        state, weights = _apply_ema(ckpt, state, order, model, path)
+        raw, weights = _apply_ema(ckpt, raw, order, model, path)
+    state, embedding_biases = _assemble(raw, model, path)
     norms = ckpt.get("normalizers") or {}
     e_mean, e_std = _normalizer(norms, "energy", "target")
     f_mean, f_std = _normalizer(norms, "forces", "grad_target")
@@ -368,6 +542,14 @@ def load_model(
     extra = {"energy_mean": e_mean, "energy_std": e_std, "force_mean": f_mean, "force_std": f_std}
     for k, v in extra.items():
         state[k] = torch.tensor(v)
+    if layout.stress is not None:
+        name = layout.stress["output_name"]
+        if norms.get(name) is not None:
+            raise CheckpointError(f"{path}: a {name!r} normalizer on the recombined stress is not supported "
+                                  f"(the official files normalise {name}_isotropic / {name}_anisotropic)")
+        for part, size in (("isotropic", 1), ("anisotropic", 5)):
+            state[f"stress_head.{part}_mean"], state[f"stress_head.{part}_rmsd"] = _normalizer_tensors(
+                norms, f"{name}_{part}", size, path)
     state["element_refs"] = torch.zeros(cfg.max_num_elements) if refs is None else refs[: cfg.max_num_elements]
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -377,6 +559,9 @@ def load_model(
             f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
         )
     model = model.to(dtype=dtype)
+    with torch.no_grad():
+        for bias in embedding_biases:  # DeNS: x_l0 = emb(Z) + bias(es), in fairchem's order and dtype
+            model.sphere_embedding.weight.add_(bias.to(dtype))
     if dtype == torch.float32:
         with torch.no_grad():
             _set_grids(model, grids)
@@ -388,25 +573,30 @@ def load_model(
         if cfg.use_energy_lin_ref or refs is not None
         else "referenced energy (OC20: adsorption energy vs. clean slab + gas-phase references)"
     )
+    properties = ("energy", "forces") + (("stress",) if cfg.regress_stress else ())
+    arch = "EquiformerV2 DeNS" if layout.dens else "EquiformerV2"
     meta = CheckpointMeta(
         path=str(path), sha256=file_sha256(path),
-        architecture=f"EquiformerV2 (L={cfg.lmax}, M={cfg.mmax}, {cfg.num_layers} layers, C={cfg.sphere_channels})",
+        architecture=f"{arch} (L={cfg.lmax}, M={cfg.mmax}, {cfg.num_layers} layers, C={cfg.sphere_channels}"
+                     f"{', stress head' if cfg.regress_stress else ''})",
         energy_convention=convention, cutoff=cfg.max_radius, max_neighbors=cfg.max_neighbors,
         strict_max_neighbors=cfg.enforce_max_neighbors_strictly,
         num_parameters=sum(p.numel() for p in model.parameters()), weights=weights, config=cfg.to_dict(),
+        properties=properties, model_info=model_info(path_or_name, path),
     )
     return model, meta
 
 
-def _apply_ema(ckpt: dict, state: dict, order: list[str], model: EquiformerV2, path: Path):
-    """Replace trainable parameters by ``ckpt['ema']['shadow_params']`` (fairchem parameter order)."""
+def _apply_ema(ckpt: dict, raw: dict, order: list[str], model: EquiformerV2, path: Path):
+    """Replace trainable parameters by ``ckpt['ema']['shadow_params']`` (fairchem parameter order,
+    which includes the DeNS blocks that are folded or ignored afterwards)."""
     ema = ckpt.get("ema")
     if not ema or "shadow_params" not in ema:
         warnings.warn(f"{path} has no EMA weights; using state_dict", stacklevel=3)
-        return state, "state_dict"
-    params = dict(model.named_parameters())
-    keys = [k for k in order if k in params]
+        return raw, "state_dict"
+    params = {n for n, _ in model.named_parameters()}
+    keys = [k for k in order if _is_parameter(k, params)]
     shadow = list(ema["shadow_params"])
-    if len(shadow) != len(keys) or any(s.shape != state[k].shape for s, k in zip(shadow, keys)):
+    if len(shadow) != len(keys) or any(s.shape != raw[k].shape for s, k in zip(shadow, keys)):
         raise CheckpointError(f"{path}: EMA shadow parameters do not match the model parameters")
-    return {**state, **dict(zip(keys, shadow))}, "ema"
+    return {**raw, **dict(zip(keys, shadow))}, "ema"

@@ -23,6 +23,7 @@ SHIPPED_MODEL = "eqv2-emt-small.pt"
 """File name of the shipped model (model card: ``checkpoints/README.md``, installed next to it)."""
 
 _OC20 = "https://dl.fbaipublicfiles.com/opencatalystproject/models"
+_OMAT24 = "https://huggingface.co/facebook/OMAT24/resolve/main"  # hub repo facebook/OMAT24 (gated)
 OFFICIAL_CHECKPOINTS: dict[str, str] = {
     "EquiformerV2-83M-S2EF-OC20-2M": f"{_OC20}/2023_06/oc20/s2ef/eq2_83M_2M.pt",
     "EquiformerV2-31M-S2EF-OC20-All+MD": f"{_OC20}/2023_06/oc20/s2ef/eq2_31M_ec4_allmd.pt",
@@ -30,8 +31,48 @@ OFFICIAL_CHECKPOINTS: dict[str, str] = {
     "EquiformerV2-lE4-lF100-S2EFS-OC22": f"{_OC20}/2023_10/oc22/s2ef/eq2_121M_e4_f100_oc22_s2ef.pt",
     "EquiformerV2-S2EF-ODAC": "https://dl.fbaipublicfiles.com/dac/checkpoints_20240709/eqv2_31M.pt",
     "EquiformerV2-Large-S2EF-ODAC": "https://dl.fbaipublicfiles.com/dac/checkpoints_20240709/Equiformer_V2_Large.pt",
+    # materials models (energy, forces, stress); fairchem 1.10 lists them as huggingface_hub files
+    "EquiformerV2-31M-OMAT24": f"{_OMAT24}/eqV2_31M_omat.pt",
+    "EquiformerV2-86M-OMAT24": f"{_OMAT24}/eqV2_86M_omat.pt",
+    "EquiformerV2-153M-OMAT24": f"{_OMAT24}/eqV2_153M_omat.pt",
+    "EquiformerV2-31M-OMAT24-MP-sAlex": f"{_OMAT24}/eqV2_31M_omat_mp_salex.pt",
+    "EquiformerV2-86M-OMAT24-MP-sAlex": f"{_OMAT24}/eqV2_86M_omat_mp_salex.pt",
+    "EquiformerV2-153M-OMAT24-MP-sAlex": f"{_OMAT24}/eqV2_153M_omat_mp_salex.pt",
+    "EquiformerV2-31M-MP": f"{_OMAT24}/eqV2_31M_mp.pt",
+    "EquiformerV2-DeNS-31M-MP": f"{_OMAT24}/eqV2_dens_31M_mp.pt",
+    "EquiformerV2-DeNS-86M-MP": f"{_OMAT24}/eqV2_dens_86M_mp.pt",
+    "EquiformerV2-DeNS-153M-MP": f"{_OMAT24}/eqV2_dens_153M_mp.pt",
 }
-"""Registry name (as in fairchem 1.x ``pretrained_models.json``) → download URL."""
+"""Registry name (as in fairchem 1.x ``pretrained_models.json``) → download URL. The materials
+files (``huggingface_hub`` entries of fairchem 1.10: repo ``facebook/OMAT24``, file name) are
+gated on the Hugging Face hub: accept the license on https://huggingface.co/facebook/OMAT24 and
+set ``HF_TOKEN`` for the download, or put the file into the cache yourself."""
+
+_OC20_INFO = {"training_data": "OC20 S2EF", "domain": "catalysis (adsorbates on surfaces)"}
+_OMAT_ONLY = {
+    "training_data": "OMat24", "domain": "inorganic materials (bulk)", "materials_project_compatible": False,
+    "note": "trained on OMat24 only: OMat24's DFT settings differ from the Materials Project's, so its "
+            "energies are not Materials-Project-compatible (no MP2020 corrections, phase diagrams or hull "
+            "energies against MP data); use an -MP-sAlex or -MP model for those",
+}
+_MP = {"domain": "inorganic materials (bulk)", "materials_project_compatible": True,
+       "note": "Materials-Project-compatible energies (PBE/PBE+U with MP settings)"}
+MODEL_INFO: dict[str, dict] = {
+    "EquiformerV2-83M-S2EF-OC20-2M": {**_OC20_INFO, "training_data": "OC20 S2EF 2M"},
+    "EquiformerV2-31M-S2EF-OC20-All+MD": {**_OC20_INFO, "training_data": "OC20 S2EF All+MD"},
+    "EquiformerV2-153M-S2EF-OC20-All+MD": {**_OC20_INFO, "training_data": "OC20 S2EF All+MD"},
+    "EquiformerV2-lE4-lF100-S2EFS-OC22": {"training_data": "OC22 S2EF", "domain": "oxide catalysis"},
+    "EquiformerV2-S2EF-ODAC": {"training_data": "ODAC23", "domain": "metal-organic frameworks (direct air capture)"},
+    "EquiformerV2-Large-S2EF-ODAC": {"training_data": "ODAC23", "domain": "metal-organic frameworks (direct air capture)"},
+    **{f"EquiformerV2-{n}-OMAT24": dict(_OMAT_ONLY) for n in ("31M", "86M", "153M")},
+    **{f"EquiformerV2-{n}-OMAT24-MP-sAlex": {**_MP, "training_data": "OMat24, fine-tuned on MPtrj + sAlex"}
+       for n in ("31M", "86M", "153M")},
+    "EquiformerV2-31M-MP": {**_MP, "training_data": "MPtrj"},
+    **{f"EquiformerV2-DeNS-{n}-MP": {**_MP, "training_data": "MPtrj, with DeNS (denoising non-equilibrium "
+                                                                "structures)"} for n in ("31M", "86M", "153M")},
+}
+"""Registry name → what the model was trained on; ``materials_project_compatible`` for the
+materials models. Reported in ``CheckpointMeta.model_info`` / ``calc.metadata["model_info"]``."""
 
 OFFICIAL_SHA256: dict[str, str] = {}
 """Registry name → sha256 (hex) of the file, for the names whose hash is known.
@@ -109,13 +150,34 @@ def _verify(name: str, path: Path, what: str) -> None:
         )
 
 
+def model_info(path_or_name: str | os.PathLike, path: Path) -> dict:
+    """:data:`MODEL_INFO` of a registry name, or of the registry file a path is named like
+    (e.g. a hand-downloaded ``eqV2_31M_omat.pt``; then ``"identified_by": "file name"``)."""
+    name = str(path_or_name)
+    if name in MODEL_INFO:
+        return {"registry_name": name, **MODEL_INFO[name]}
+    for reg, url in OFFICIAL_CHECKPOINTS.items():
+        if os.path.basename(url) == path.name and reg in MODEL_INFO:
+            return {"registry_name": reg, "identified_by": "file name", **MODEL_INFO[reg]}
+    return {}
+
+
+def _hub_token() -> str | None:
+    return os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+
+
 def _download(url: str, dest: Path, timeout: float = 60.0, name: str | None = None) -> None:
     """Download ``url`` to ``dest`` atomically (a partial download never becomes ``dest``);
-    with ``name``, check its sha256 before it is kept."""
+    with ``name``, check its sha256 before it is kept. Hugging Face hub URLs send ``HF_TOKEN``
+    (or ``HUGGING_FACE_HUB_TOKEN``) from the environment when set (gated repositories)."""
     from eqv2_calc.io import atomic_write
 
+    request = urllib.request.Request(url)
+    if url.startswith("https://huggingface.co/") and _hub_token():
+        request.add_header("Authorization", f"Bearer {_hub_token()}")
+
     def fetch(tmp: str) -> None:
-        with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+        with open(tmp, "wb") as out, urllib.request.urlopen(request, timeout=timeout) as resp:
             shutil.copyfileobj(resp, out)
         if name is not None:
             _verify(name, Path(tmp), f"the file downloaded from {url} (not kept)")
@@ -148,8 +210,13 @@ def resolve_checkpoint(path_or_name: str | os.PathLike) -> Path:
     except CheckpointError:
         raise
     except Exception as exc:  # no network, HTTP error, disk full ...
+        gated = ""
+        if url.startswith("https://huggingface.co/"):
+            gated = (" The file is gated on the Hugging Face hub: accept the license on "
+                     "https://huggingface.co/facebook/OMAT24 and set HF_TOKEN to an access token"
+                     f"{' (none is set)' if not _hub_token() else ''}, or download it there by hand.")
         raise CheckpointError(
-            f"could not download {name} from {url} ({type(exc).__name__}: {exc}). "
+            f"could not download {name} from {url} ({type(exc).__name__}: {exc}).{gated} "
             f"On an offline machine download it elsewhere and put it at {dest} "
             "(or set EQV2_CACHE to the folder holding it), or pass the file path instead."
         ) from exc

@@ -434,6 +434,12 @@ def checkpoint_dict(
 ) -> dict[str, Any]:
     """The checkpoint as a dict (see :func:`save_fairchem_checkpoint`)."""
     cfg = model.cfg
+    if cfg.regress_stress or cfg.energy_reduce != "sum":
+        raise ValueError(
+            "the fairchem 2023 layout holds energy (sum) and force heads only; this model has "
+            f"{'a stress head' if cfg.regress_stress else 'energy_reduce=' + repr(cfg.energy_reduce)}, "
+            "which would be lost (hydra files are not written by eqv2-calc)"
+        )
     norms = _normalizer_values(model, normalizers)
     ckpt: dict[str, Any] = {
         "epoch": 0,
