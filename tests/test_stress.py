@@ -348,6 +348,38 @@ def test_energy_reduce_mean(tmp_path, crystals):
         assert abs(e_mean - e_sum * avg / len(atoms)) < 1e-9, sname
 
 
+@pytest.mark.parametrize("backbone", ["equiformer_v2_backbone",
+                                      "fairchem.core.models.equiformer_v2.equiformer_v2.EquiformerV2Backbone",
+                                      "equiformer_v2_dens_backbone",
+                                      "fairchem.core.models.equiformer_v2.equiformer_v2_dens.EqV2DeNSBackbone",
+                                      "fairchem.experimental.xiangfu.equiformer_v2_denoising.EqV2DeNSBackbone"])
+def test_every_module_name_is_read(backbone):
+    from eqv2_calc.checkpoint.load import HEAD_NAMES, _model_options
+
+    base = "fairchem.core.models.equiformer_v2"
+    aliases = {
+        "energy": ["equiformer_v2_energy_head", "equiformerV2_scalar_head", f"{base}.heads.EqV2ScalarHead",
+                   f"{base}.heads.scalar.EqV2ScalarHead", f"{base}.equiformer_v2.EquiformerV2EnergyHead",
+                   "eqV2_DeNS_scalar_head", f"{base}.equiformer_v2_dens.DeNSScalarHead", "DeNSEnergyHead"],
+        "forces": ["equiformer_v2_force_head", "equiformerV2_vector_head", f"{base}.heads.EqV2VectorHead",
+                   f"{base}.heads.vector.EqV2VectorHead", f"{base}.equiformer_v2.EquiformerV2ForceHead",
+                   "eqV2_DeNS_vector_head", f"{base}.equiformer_v2_dens.DeNSVectorHead", "DeNSForceHead"],
+        "stress": ["rank2_symmetric_head", f"{base}.heads.rank2.Rank2SymmetricTensorHead",
+                   f"{base}.prediction_heads.rank2.Rank2SymmetricTensorHead", "dens_rank2_symmetric_head",
+                   f"{base}.equiformer_v2_dens.DeNSRank2Head"],
+    }
+    config = _raw("tiny_dens")["config"]
+    for role, names in aliases.items():
+        assert {n.rsplit(".", 1)[-1] for n in names} <= HEAD_NAMES[role]
+        for name in names:
+            model = dict(config["model"], backbone=dict(config["model"]["backbone"], model=backbone))
+            model["heads"] = {k: dict(v) for k, v in model["heads"].items()}
+            model["heads"][role]["module"] = name
+            layout = _model_options({"model": model}, Path("x.pt"))
+            assert layout.head_roles[role] == role and layout.stress is not None
+            assert layout.dens is ("dens" in backbone.lower() or "denois" in backbone.lower())
+
+
 # ----------------------------------------------------------------------------- loader errors
 def _variant(tmp_path, edit) -> Path:
     ckpt = _raw("tiny_l4m2")
