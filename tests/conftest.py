@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 from pathlib import Path
+
+import numpy as np
 
 import pytest
 from ase.io import read
@@ -52,3 +56,28 @@ def markdown_table(text: str) -> list[dict[str, str]]:
     for row in rows:
         assert len(row) == len(header), f"row {row} does not match header {header}"
     return [dict(zip(header, row)) for row in rows]
+
+
+def rotation(axis, angle: float) -> np.ndarray:
+    """3×3 rotation matrix about ``axis`` by ``angle`` (radians), Rodrigues' formula."""
+    axis = np.asarray(axis, float) / np.linalg.norm(axis)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + math.sin(angle) * k + (1 - math.cos(angle)) * k @ k
+
+
+def rotated(atoms, rot: np.ndarray):
+    """A copy of ``atoms`` with positions and cell rotated by ``rot``."""
+    out = atoms.copy()
+    out.positions = atoms.positions @ rot.T
+    out.set_cell(atoms.cell.array @ rot.T, scale_atoms=False)
+    return out
+
+
+def refvenv_python() -> Path:
+    """The fairchem 1.10 reference venv's python; skips a ``reference`` test without it."""
+    venv = Path(os.environ.get("EQV2_REFVENV", "/tmp/eqv2-refvenv"))
+    python = venv / "bin" / "python"
+    if not python.exists():
+        pytest.skip(f"no fairchem reference venv at {venv} (build it with ../shared/reference/setup_refvenv.sh "
+                    "or set EQV2_REFVENV)")
+    return python

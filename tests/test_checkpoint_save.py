@@ -38,6 +38,7 @@ from eqv2_calc.checkpoint.random_init import (
 from eqv2_calc.checkpoint.save import checkpoint_dict, fairchem_keys, fairchem_state_dict, save_fairchem_checkpoint
 from eqv2_calc.model import EquiformerV2Config
 from eqv2_calc.potential import EquiformerV2Potential
+from conftest import refvenv_python
 
 HERE = Path(__file__).parent
 DATA = HERE / "data"
@@ -286,19 +287,12 @@ def test_seeded_153m_model_matches_fairchem_reference(structures):
 
 
 # ------------------------------------------------------------------ (c) live fairchem
-def _refvenv_python() -> Path:
-    venv = Path(os.environ.get("EQV2_REFVENV", "/tmp/eqv2-refvenv"))
-    python = venv / "bin" / "python"
-    if not python.exists():
-        pytest.skip(f"no fairchem reference venv at {venv} (build it with ../shared/reference/setup_refvenv.sh "
-                    "or set EQV2_REFVENV)")
-    return python
 
 
 @pytest.mark.reference
 @pytest.mark.parametrize("name", list(TINY))
 def test_fairchem_strict_loads_and_agrees(name, tmp_path, structures):
-    python = _refvenv_python()
+    python = refvenv_python()
     model = make_random_model(TINY[name], seed=3)
     path = save_fairchem_checkpoint(model, tmp_path / f"tiny_{name}.pt")
     out = tmp_path / "fairchem.json"

@@ -19,22 +19,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import calculator
+from conftest import calculator, rotated, rotation
 from eqv2_calc.so3.grid import node_grid
 from eqv2_calc.so3.wigner import wigner_blocks
 
 
-def _rotation(axis, angle):
-    axis = np.asarray(axis, float) / np.linalg.norm(axis)
-    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    return np.eye(3) + math.sin(angle) * k + (1 - math.cos(angle)) * k @ k
 
 
-def _rotated(atoms, rot):
-    out = atoms.copy()
-    out.positions = atoms.positions @ rot.T
-    out.set_cell(atoms.cell.array @ rot.T, scale_atoms=False)
-    return out
 
 
 def _predict(name, atoms):
@@ -55,8 +46,8 @@ def s2_activation_rotation_error(lmax: int, res: int = 18) -> float:
 @pytest.mark.parametrize("name", ["eqv2_tiny_l4m2", "eqv2_tiny_l6m3"])
 def test_rotation_about_grid_axis_is_exact(name, structures):
     atoms = structures["Cu111_CO"]
-    rot = _rotation([0, 1, 0], 2 * 2 * math.pi / 18)
-    a, b = _predict(name, atoms), _predict(name, _rotated(atoms, rot))
+    rot = rotation([0, 1, 0], 2 * 2 * math.pi / 18)
+    a, b = _predict(name, atoms), _predict(name, rotated(atoms, rot))
     assert abs(a["energy"] - b["energy"]) < 1e-9
     np.testing.assert_allclose(b["forces"], a["forces"] @ rot.T, atol=1e-9, rtol=0)
 
@@ -66,8 +57,8 @@ def test_generic_rotation_within_grid_error(name, lmax, structures):
     grid_err = s2_activation_rotation_error(lmax)
     for sname in ["Cu111_CO", "Pt100_OH", "NaCl_bulk"]:
         atoms = structures[sname]
-        rot = _rotation([0.2, -0.7, 0.4], 1.234)
-        a, b = _predict(name, atoms), _predict(name, _rotated(atoms, rot))
+        rot = rotation([0.2, -0.7, 0.4], 1.234)
+        a, b = _predict(name, atoms), _predict(name, rotated(atoms, rot))
         scale = np.abs(a["forces"]).max()
         force_err = np.abs(b["forces"] - a["forces"] @ rot.T).max() / scale
         assert force_err < 10 * grid_err, (sname, force_err, grid_err)

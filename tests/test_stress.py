@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 import time
@@ -25,7 +24,8 @@ from ase import Atoms
 from ase.calculators.calculator import PropertyNotImplementedError
 from ase.io import read
 
-from conftest import DATA, calculator as oc20_calculator
+from conftest import DATA, refvenv_python, rotated, rotation
+from conftest import calculator as oc20_calculator
 from eqv2_calc import EquiformerV2Calculator, load_model
 from eqv2_calc.checkpoint import registry
 from eqv2_calc.errors import CheckpointError, InputError
@@ -179,17 +179,8 @@ def test_change_of_basis_is_orthonormal_and_matches_e3nn_degree_2():
     assert torch.allclose(ratio, ratio[0, 0].expand_as(ratio), rtol=1e-12)  # one common factor
 
 
-def _rotation(axis, angle):
-    axis = np.asarray(axis, float) / np.linalg.norm(axis)
-    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    return np.eye(3) + math.sin(angle) * k + (1 - math.cos(angle)) * k @ k
 
 
-def _rotated(atoms, rot):
-    out = atoms.copy()
-    out.positions = atoms.positions @ rot.T
-    out.set_cell(atoms.cell.array @ rot.T, scale_atoms=False)
-    return out
 
 
 def _stress3(calc, atoms) -> np.ndarray:
@@ -218,12 +209,12 @@ def test_stress_rotates_as_a_tensor_about_the_grid_axis(name, crystals):
     """A rotation about y by a multiple of 2π/18 maps the S2 grids onto themselves: the backbone is
     exact, so σ(R x) = R σ(x) Rᵀ to round-off once the l = 2 MLP is linear; the pressure always."""
     calc, linear = _calc(name, "float64"), _linear_aniso_head(name)
-    rot = _rotation([0, 1, 0], 2 * 2 * math.pi / 18)
+    rot = rotation([0, 1, 0], 2 * 2 * math.pi / 18)
     for sname in ("SrTiO3_sheared", "ZnO_wurtzite", "Pt111_O_slab"):
         atoms = crystals[sname]
-        s, s_rot = _stress3(linear, atoms), _stress3(linear, _rotated(atoms, rot))
+        s, s_rot = _stress3(linear, atoms), _stress3(linear, rotated(atoms, rot))
         np.testing.assert_allclose(s_rot, rot @ s @ rot.T, atol=1e-9 * np.abs(s).max(), rtol=0, err_msg=sname)
-        p, p_rot = np.trace(_stress3(calc, atoms)), np.trace(_stress3(calc, _rotated(atoms, rot)))
+        p, p_rot = np.trace(_stress3(calc, atoms)), np.trace(_stress3(calc, rotated(atoms, rot)))
         assert abs(p - p_rot) < 1e-9 * abs(p), sname
 
 
@@ -234,13 +225,13 @@ def test_stress_rotates_as_a_tensor_within_grid_error(name, lmax, crystals):
 
     grid_err = s2_activation_rotation_error(lmax)
     calc, linear = _calc(name, "float64"), _linear_aniso_head(name)
-    rot = _rotation([0.2, -0.7, 0.4], 1.234)
+    rot = rotation([0.2, -0.7, 0.4], 1.234)
     for sname in ("SrTiO3_sheared", "Pt111_O_slab"):
         atoms = crystals[sname]
-        s, s_rot = _stress3(linear, atoms), _stress3(linear, _rotated(atoms, rot))
+        s, s_rot = _stress3(linear, atoms), _stress3(linear, rotated(atoms, rot))
         err = np.abs(s_rot - rot @ s @ rot.T).max() / np.abs(s).max()
         assert err < 10 * grid_err, (sname, err, grid_err)
-        full, full_rot = _stress3(calc, atoms), _stress3(calc, _rotated(atoms, rot))
+        full, full_rot = _stress3(calc, atoms), _stress3(calc, rotated(atoms, rot))
         np.testing.assert_allclose(full, full.T, atol=0, rtol=0)  # symmetric by construction
         assert abs(np.trace(full_rot) - np.trace(full)) < 10 * grid_err * abs(np.trace(full)), sname
 
@@ -251,9 +242,9 @@ def test_fairchem_l2_mlp_is_not_equivariant(crystals):
     not equivariant, so the anisotropic stress of these models rotates as a tensor only
     approximately. Measured here so that the README's statement stays true."""
     calc = _calc("tiny_l4m2", "float64")
-    rot = _rotation([0, 1, 0], 2 * 2 * math.pi / 18)  # exact for everything but that MLP
+    rot = rotation([0, 1, 0], 2 * 2 * math.pi / 18)  # exact for everything but that MLP
     atoms = crystals["SrTiO3_sheared"]
-    s, s_rot = _stress3(calc, atoms), _stress3(calc, _rotated(atoms, rot))
+    s, s_rot = _stress3(calc, atoms), _stress3(calc, rotated(atoms, rot))
     aniso = s - np.trace(s) / 3 * np.eye(3)
     err = np.abs(s_rot - rot @ s @ rot.T).max() / np.abs(aniso).max()
     assert err > 1e-3, err  # far above the 1e-9 of the linear head: the anisotropic part is not a tensor
@@ -484,20 +475,13 @@ def test_cached_materials_file_reports_its_model_info(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- live fairchem (31M OMat24)
-def _refvenv_python() -> Path:
-    venv = Path(os.environ.get("EQV2_REFVENV", "/tmp/eqv2-refvenv"))
-    python = venv / "bin" / "python"
-    if not python.exists():
-        pytest.skip(f"no fairchem reference venv at {venv} (build it with ../shared/reference/setup_refvenv.sh "
-                    "or set EQV2_REFVENV)")
-    return python
 
 
 @pytest.mark.reference
 def test_omat24_31m_architecture_matches_live_fairchem(tmp_path, crystals):
     """The published eqV2-S OMat24 architecture (8 layers, L=4, M=2, C=128), weights from a seed,
     built, saved and evaluated by fairchem 1.10 in the reference venv; never committed."""
-    python = _refvenv_python()
+    python = refvenv_python()
     names = ["Cu_fcc_conv", "SrTiO3_sheared", "Pt111_O_slab"]
     t0 = time.perf_counter()
     proc = subprocess.run(
