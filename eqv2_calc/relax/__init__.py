@@ -7,8 +7,12 @@ Public API::
 
 Building blocks: :mod:`~eqv2_calc.relax.lbfgs` (state + ``lbfgs_init``/``lbfgs_step``),
 :mod:`~eqv2_calc.relax.cell` (cell relaxation in ASE ``FrechetCellFilter`` coordinates:
-``relax_batch(..., cell_filter="frechet")``), :mod:`~eqv2_calc.relax.runner` (in-flight batching), :mod:`~eqv2_calc.relax.io` (trajectory,
-IS2RE and IS2RS files), :mod:`~eqv2_calc.relax.metrics` (energy MAE, ADwT).
+``relax_batch(..., cell_filter="frechet")``), :mod:`~eqv2_calc.relax.runner` (the
+``relax_batch`` front end), :mod:`~eqv2_calc.relax.engine` (``BatchRelaxer``: in-flight
+batching, with :mod:`~eqv2_calc.relax.inputs`, :mod:`~eqv2_calc.relax.evaluate` and
+:mod:`~eqv2_calc.relax.readout`), :mod:`~eqv2_calc.relax.results` (``RelaxResult``,
+``RelaxStats``), :mod:`~eqv2_calc.relax.io` (trajectory, IS2RE and IS2RS files),
+:mod:`~eqv2_calc.relax.metrics` (energy MAE, ADwT).
 """
 
 from eqv2_calc.relax.cell import CellFilter, CellLBFGSState, cell_init, cell_lbfgs_step, cell_set_results

@@ -26,7 +26,7 @@ from eqv2_calc.errors import InputError
 from eqv2_calc.io import atomic_write, frame_with_results
 
 if TYPE_CHECKING:
-    from eqv2_calc.relax.runner import RelaxResult
+    from eqv2_calc.relax.results import RelaxResult
 
 IS2RE_FIELDS: tuple[str, ...] = (
     "index", "name", "energy", "initial_energy", "fmax", "nsteps", "converged", "failed", "reason",
