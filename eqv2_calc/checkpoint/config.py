@@ -10,6 +10,12 @@ Config layouts read:
   force and rank-2 stress heads under every name fairchem releases gave them
   (:data:`BACKBONE_NAMES`, :data:`HEAD_NAMES`).
 
+The normalisation constants ``avg_num_nodes`` / ``avg_degree`` are also read under the names the
+ODAC direct IS2RE config uses, ``norm_scale_nodes`` / ``norm_scale_degree``
+(:data:`NORM_SCALE_NAMES`); a config with neither name of one gets fairchem 1.10's default
+(:data:`FAIRCHEM_DEFAULT_CONSTANTS`). ``regress_forces=False`` (a plain config) or a hydra file
+without a force head describes an energy-only model.
+
 Normalizers: 2023 files key them ``target`` / ``grad_target`` (``{mean, std}``), fairchem 1.x
 files ``energy`` / ``forces`` (``std`` or ``rmsd``) and, for stress heads,
 ``<name>_isotropic`` / ``<name>_anisotropic``; fairchem 1.x ``elementrefs`` hold per-element
@@ -21,6 +27,7 @@ Used by :func:`eqv2_calc.checkpoint.load.load_model`; the names are also importa
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,7 +88,23 @@ _FAIRCHEM_DEFAULTS = {  # fairchem 1.x constructor defaults for options a config
     "enforce_max_neighbors_strictly": True, "avg_num_nodes": None, "avg_degree": None,
     "use_energy_lin_ref": False, "load_energy_lin_ref": False, "use_pbc": True, "regress_forces": True,
 }
+NORM_SCALE_NAMES: dict[str, str] = {"norm_scale_nodes": "avg_num_nodes", "norm_scale_degree": "avg_degree"}
+"""Other config names of the two normalisation constants → the names fairchem 1.10 reads.
 
+The ODAC direct IS2RE checkpoint (``EquiformerV2-IS2RE-ODAC``; fairchem's
+``configs/odac/is2re/eqv2_31M.yml``) names them ``norm_scale_nodes`` / ``norm_scale_degree``,
+with the values the ODAC S2EF configs give as ``avg_num_nodes`` / ``avg_degree`` (192.561 and
+21.024127419363214): the same two quantities, the divisor of the summed atom energies and that
+of the edge-degree embedding (not their square roots). fairchem 1.10 itself cannot build that
+model, as its constructor has no parameters of these names (fairchem issue #892)."""
+FAIRCHEM_DEFAULT_CONSTANTS: dict[str, float] = {"avg_num_nodes": AVG_NUM_NODES_OC20, "avg_degree": AVG_DEGREE_OC20}
+"""The constants fairchem 1.10 uses when a config gives neither name of one: its ``EquiformerV2``
+and ``EquiformerV2Backbone`` constructors default ``avg_num_nodes`` / ``avg_degree`` to None
+and replace a missing (None or 0) value with the module constants ``_AVG_NUM_NODES = 77.81317``
+/ ``_AVG_DEGREE = 23.395238876342773`` (OC20 IS2RE-100k statistics: 5 Å cutoff, 100
+neighbours). The official OC20 and OC22 configs rely on this default. The DeNS backbones are
+different: their releases used different defaults, so a DeNS config without the constants is
+refused."""
 
 
 @dataclass(frozen=True)
@@ -179,6 +202,7 @@ def _model_options(config: dict, path: Path) -> _Layout:
         raise CheckpointError(
             f"{path} holds a {name!r} model, not EquiformerV2; eqv2-calc only runs EquiformerV2 checkpoints"
         )
+    opts = _rename_norm_scale(opts, path)
     dens = short in _DENS_BACKBONES
     if dens:
         missing = [k for k in ("avg_num_nodes", "avg_degree") if not opts.get(k)]
@@ -188,13 +212,52 @@ def _model_options(config: dict, path: Path) -> _Layout:
     return _Layout(opts={**_FAIRCHEM_DEFAULTS, **opts}, dens=dens, **layout)
 
 
+def _rename_norm_scale(opts: dict, path: Path | str) -> dict:
+    """``opts`` with ``norm_scale_nodes`` / ``norm_scale_degree`` renamed as :data:`NORM_SCALE_NAMES`
+    says; a config giving a constant under both names with different values is refused."""
+    out = dict(opts)
+    for old, new in NORM_SCALE_NAMES.items():
+        if old not in out:
+            continue
+        value = out.pop(old)
+        current = out.get(new)
+        if current and value and current != value:
+            raise CheckpointError(
+                f"{path}: the config gives {new}={current!r} and {old}={value!r}, two different values of the "
+                "same normalisation constant; it cannot be told which one the model was trained with"
+            )
+        if not current:
+            out[new] = value
+    return out
+
+
+def _constant(opts: dict, name: str, path: Path | str) -> float:
+    """The normalisation constant ``name`` (avg_num_nodes or avg_degree) of ``opts``: its value,
+    or fairchem 1.10's default (:data:`FAIRCHEM_DEFAULT_CONSTANTS`) when missing, None or 0."""
+    value = opts.get(name)
+    if not value:
+        return FAIRCHEM_DEFAULT_CONSTANTS[name]
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number) or number <= 0:
+        raise CheckpointError(f"{path}: {name}={value!r}; the normalisation constant must be a positive number")
+    return number
+
+
 def config_from_options(
     opts: dict, path: Path | str = "checkpoint", energy_reduce: str = "sum", stress_mlp_layers: int | None = None
 ) -> EquiformerV2Config:
     """Map fairchem hyper-parameters onto :class:`EquiformerV2Config`, rejecting unsupported variants.
 
     ``energy_reduce`` / ``stress_mlp_layers`` (None: no stress head) come from a hydra file's heads.
+    The normalisation constants are read as ``avg_num_nodes`` / ``avg_degree`` or under their ODAC
+    IS2RE names ``norm_scale_nodes`` / ``norm_scale_degree`` (:data:`NORM_SCALE_NAMES`); a config
+    with neither name of a constant gets fairchem 1.10's default (:data:`FAIRCHEM_DEFAULT_CONSTANTS`).
+    ``regress_forces=False`` (direct IS2RE models) builds a model without a force head.
     """
+    opts = _rename_norm_scale(opts, path)
     for key, allowed in _REQUIRED_VALUES.items():
         if opts.get(key) not in allowed:
             raise CheckpointError(
@@ -220,8 +283,8 @@ def config_from_options(
         use_pbc=bool(opts["use_pbc"]), use_atom_edge_embedding=bool(opts["use_atom_edge_embedding"]),
         share_atom_edge_embedding=bool(opts["share_atom_edge_embedding"]),
         use_attn_renorm=bool(opts["use_attn_renorm"]),
-        avg_num_nodes=float(opts["avg_num_nodes"] or AVG_NUM_NODES_OC20),
-        avg_degree=float(opts["avg_degree"] or AVG_DEGREE_OC20),
+        avg_num_nodes=_constant(opts, "avg_num_nodes", path),
+        avg_degree=_constant(opts, "avg_degree", path),
         use_energy_lin_ref=bool(opts["use_energy_lin_ref"] and opts["load_energy_lin_ref"]),
         regress_forces=bool(opts["regress_forces"]),
         energy_reduce=energy_reduce,

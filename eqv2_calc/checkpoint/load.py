@@ -54,9 +54,18 @@ from eqv2_calc.model import EquiformerV2
 from eqv2_calc.so3.layout import reduced_to_mprimary
 
 
+ENERGY_ONLY = ("energy-only model (direct IS2RE, regress_forces=False: no force head): it predicts, from the "
+               "input (initial) structure, the energy of the relaxed structure, and gives no forces")
+"""Added to ``CheckpointMeta.energy_convention`` of checkpoints without a force head."""
+
+
 @dataclass(frozen=True)
 class CheckpointMeta:
-    """What a loaded checkpoint is. Energies in eV, cutoff in Å."""
+    """What a loaded checkpoint is. Energies in eV, cutoff in Å.
+
+    ``properties``: what the model predicts, ``("energy", "forces")``, plus ``"stress"`` for the
+    materials models; just ``("energy",)`` for a direct IS2RE checkpoint (no force head).
+    """
 
     path: str
     sha256: str
@@ -221,12 +230,16 @@ def load_model(
         if cfg.use_energy_lin_ref or refs is not None
         else "referenced energy (OC20: adsorption energy vs. clean slab + gas-phase references)"
     )
-    properties = ("energy", "forces") + (("stress",) if cfg.regress_stress else ())
+    if not cfg.regress_forces:
+        convention += f"; {ENERGY_ONLY}"
+    properties = ("energy",) + (("forces",) if cfg.regress_forces else ())
+    properties += ("stress",) if cfg.regress_stress else ()
     arch = "EquiformerV2 DeNS" if layout.dens else "EquiformerV2"
+    heads = (", stress head" if cfg.regress_stress else "") + ("" if cfg.regress_forces else ", no force head")
     meta = CheckpointMeta(
         path=str(path), sha256=file_sha256(path),
         architecture=f"{arch} (L={cfg.lmax}, M={cfg.mmax}, {cfg.num_layers} layers, C={cfg.sphere_channels}"
-                     f"{', stress head' if cfg.regress_stress else ''})",
+                     f"{heads})",
         energy_convention=convention, cutoff=cfg.max_radius, max_neighbors=cfg.max_neighbors,
         strict_max_neighbors=cfg.enforce_max_neighbors_strictly,
         num_parameters=sum(p.numel() for p in model.parameters()), weights=weights, config=cfg.to_dict(),

@@ -31,6 +31,8 @@ OFFICIAL_CHECKPOINTS: dict[str, str] = {
     "EquiformerV2-lE4-lF100-S2EFS-OC22": f"{_OC20}/2023_10/oc22/s2ef/eq2_121M_e4_f100_oc22_s2ef.pt",
     "EquiformerV2-S2EF-ODAC": "https://dl.fbaipublicfiles.com/dac/checkpoints_20240709/eqv2_31M.pt",
     "EquiformerV2-Large-S2EF-ODAC": "https://dl.fbaipublicfiles.com/dac/checkpoints_20240709/Equiformer_V2_Large.pt",
+    # energy only (direct IS2RE, no force head); its config names the constants norm_scale_nodes/norm_scale_degree
+    "EquiformerV2-IS2RE-ODAC": "https://dl.fbaipublicfiles.com/dac/checkpoints_20231018/Equiformer_V2_Direct.pt",
     # materials models (energy, forces, stress); fairchem 1.10 lists them as huggingface_hub files
     "EquiformerV2-31M-OMAT24": f"{_OMAT24}/eqV2_31M_omat.pt",
     "EquiformerV2-86M-OMAT24": f"{_OMAT24}/eqV2_86M_omat.pt",
@@ -64,6 +66,13 @@ MODEL_INFO: dict[str, dict] = {
     "EquiformerV2-lE4-lF100-S2EFS-OC22": {"training_data": "OC22 S2EF", "domain": "oxide catalysis"},
     "EquiformerV2-S2EF-ODAC": {"training_data": "ODAC23", "domain": "metal-organic frameworks (direct air capture)"},
     "EquiformerV2-Large-S2EF-ODAC": {"training_data": "ODAC23", "domain": "metal-organic frameworks (direct air capture)"},
+    "EquiformerV2-IS2RE-ODAC": {
+        "training_data": "ODAC23 IS2RE", "domain": "metal-organic frameworks (direct air capture)",
+        "energy_only": True,
+        "note": "direct IS2RE model: predicts the relaxed adsorption energy (eV) from the initial structure; it "
+                "has no force head, so it gives no forces and cannot relax structures (use EquiformerV2-S2EF-ODAC "
+                "or EquiformerV2-Large-S2EF-ODAC for that)",
+    },
     **{f"EquiformerV2-{n}-OMAT24": dict(_OMAT_ONLY) for n in ("31M", "86M", "153M")},
     **{f"EquiformerV2-{n}-OMAT24-MP-sAlex": {**_MP, "training_data": "OMat24, fine-tuned on MPtrj + sAlex"}
        for n in ("31M", "86M", "153M")},
@@ -72,7 +81,8 @@ MODEL_INFO: dict[str, dict] = {
                                                                 "structures)"} for n in ("31M", "86M", "153M")},
 }
 """Registry name → what the model was trained on; ``materials_project_compatible`` for the
-materials models. Reported in ``CheckpointMeta.model_info`` / ``calc.metadata["model_info"]``."""
+materials models, ``energy_only`` for the direct IS2RE model. Reported in
+``CheckpointMeta.model_info`` / ``calc.metadata["model_info"]``."""
 
 OFFICIAL_SHA256: dict[str, str] = {}
 """Registry name → sha256 (hex) of the file, for the names whose hash is known.
