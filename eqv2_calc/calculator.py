@@ -1,7 +1,8 @@
 """ASE calculator for EquiformerV2 checkpoints.
 
 ``EquiformerV2Calculator`` follows the ASE conventions: ``implemented_properties`` (energy,
-free_energy = energy, forces, and stress for checkpoints with a stress head), raw forces (ASE
+free_energy = energy, forces, and stress for checkpoints with a stress head; only energy for an
+energy-only checkpoint such as the direct IS2RE model), raw forces (ASE
 applies ``FixAtoms``), stress in Voigt order (xx, yy, zz, yz, xz, xy) in eV/Å³, results cached
 until positions, numbers, cell or pbc change. It evaluates one structure per call;
 :meth:`EquiformerV2Calculator.predict_batch` packs many structures into batches under an
@@ -55,10 +56,15 @@ class EquiformerV2Calculator(Calculator):
     (negative when compressed; pressure = −trace/3), predicted directly by the model. Stress is
     defined for structures periodic in all three directions: it is computed whenever the
     structure is, and asking for it otherwise raises :class:`~eqv2_calc.errors.InputError`.
+    A checkpoint without a force head (``regress_forces=False``: the direct IS2RE model
+    ``EquiformerV2-IS2RE-ODAC``) predicts the relaxed energy from the initial structure only:
+    ``implemented_properties`` is ``("energy",)``, and asking for forces (or the force-consistent
+    ``free_energy``) raises ``PropertyNotImplementedError`` saying so.
     """
 
     implemented_properties = ("energy", "free_energy", "forces")
-    """Without a stress head; an instance whose checkpoint has one also lists ``stress``."""
+    """Without a stress head; an instance whose checkpoint has one also lists ``stress``, one
+    without a force head lists only ``energy``."""
 
     def __init__(
         self,
@@ -84,8 +90,24 @@ class EquiformerV2Calculator(Calculator):
             potential = load_potential(source or default_checkpoint(), device=device, dtype=dtype, use_ema=use_ema,
                                        trust_checkpoint=trust_checkpoint)
         self.potential = potential
+        props = type(self).implemented_properties if potential.provides_forces else ("energy",)
         if potential.provides_stress:
-            self.implemented_properties = (*type(self).implemented_properties, "stress")
+            self.implemented_properties = (*props, "stress")
+        elif not potential.provides_forces:
+            self.implemented_properties = props
+
+    def get_property(self, name: str, atoms: Atoms | None = None, allow_calculation: bool = True) -> Any:
+        """ASE's ``get_property``; for an energy-only checkpoint, forces and free_energy raise
+        ``PropertyNotImplementedError`` with the reason (ASE's own message names no reason)."""
+        if name in ("forces", "free_energy") and not self.potential.provides_forces:
+            from ase.calculators.calculator import PropertyNotImplementedError
+
+            what = "calc.get_forces()" if name == "forces" else "'free_energy' (the force-consistent energy)"
+            try:
+                self.potential.require_forces(what)
+            except InputError as exc:
+                raise PropertyNotImplementedError(str(exc)) from None
+        return super().get_property(name, atoms, allow_calculation)
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -108,9 +130,14 @@ class EquiformerV2Calculator(Calculator):
             from ase.calculators.calculator import PropertyNotImplementedError
 
             raise PropertyNotImplementedError("stress: this checkpoint has no stress head")
-        out = self.potential(batch, stress=with_stress)
+        if self.potential.provides_forces:
+            out = self.potential(batch, stress=with_stress)
+        else:  # an energy-only checkpoint (potential(batch) refuses: its callers need forces)
+            out = self.potential.evaluate(batch, self.potential.graph(batch), stress=with_stress)
         e = float(out[0][0])
-        self.results = {"energy": e, "free_energy": e, "forces": out[1].cpu().numpy()}
+        self.results = {"energy": e}
+        if out[1] is not None:
+            self.results.update(free_energy=e, forces=out[1].cpu().numpy())
         if with_stress:
             self.results["stress"] = full_3x3_to_voigt_6_stress(out[2][0].cpu().numpy())
 
@@ -127,9 +154,10 @@ class EquiformerV2Calculator(Calculator):
         Structures are grouped in input order so that each model call holds at most
         ``max_atoms`` atoms and ``max_edges`` edges (defaults 4096 and 100 000; None =
         unlimited; a single larger structure runs alone).
-        Returns one dict per structure: ``energy`` (float, eV), ``forces`` ((n, 3) array, eV/Å)
-        and, for a checkpoint with a stress head, ``stress`` (Voigt 6 array (xx, yy, zz, yz, xz,
-        xy), eV/Å³, as ``calc.results["stress"]``) for every structure periodic in 3-D.
+        Returns one dict per structure: ``energy`` (float, eV), ``forces`` ((n, 3) array, eV/Å;
+        absent for an energy-only checkpoint) and, for a checkpoint with a stress head,
+        ``stress`` (Voigt 6 array (xx, yy, zz, yz, xz, xy), eV/Å³, as ``calc.results["stress"]``)
+        for every structure periodic in 3-D.
         ``stress``: None (default) = as just said; True = required (InputError for a checkpoint
         without a stress head or a structure not periodic in 3-D); False = not computed.
         """
@@ -211,9 +239,12 @@ def _evaluate_chunk(
         half = len(parts) // 2
         return (_evaluate_chunk(potential, parts[:half], with_stress)
                 + _evaluate_chunk(potential, parts[half:], with_stress))
-    energy, forces = out[0].cpu().numpy(), out[1].cpu().numpy()
-    bounds = batch.atom_bounds()
-    results = [{"energy": float(energy[k]), "forces": forces[bounds[k] : bounds[k + 1]]} for k in range(len(parts))]
+    energy = out[0].cpu().numpy()
+    results: list[dict[str, Any]] = [{"energy": float(energy[k])} for k in range(len(parts))]
+    if out[1] is not None:  # None: an energy-only checkpoint
+        forces, bounds = out[1].cpu().numpy(), batch.atom_bounds()
+        for k, res in enumerate(results):
+            res["forces"] = forces[bounds[k] : bounds[k + 1]]
     if with_stress:
         stress = out[2].cpu().numpy()
         for k, res in enumerate(results):

@@ -59,6 +59,10 @@ class Potential:
     """True if ``__call__(batch, keys, stress=True)`` returns the stress as a third output
     (needed for cell relaxations). A class may set it per instance (e.g. only for checkpoints
     with a stress head)."""
+    provides_forces: bool = True
+    """False for a potential that predicts energies only (an EquiformerV2 checkpoint without a
+    force head, e.g. the direct IS2RE model): its ``__call__`` raises as :meth:`require_forces`
+    does, and :func:`resolve_potential` refuses it."""
 
     def __call__(
         self, batch: AtomsBatch, keys: Sequence[Hashable] | None = None, *, stress: bool = False
@@ -88,6 +92,12 @@ class Potential:
                 "checkpoint with a stress head), or do without it (e.g. relax positions only, "
                 "cell_filter=None / no --relax-cell)"
             )
+
+    def require_forces(self, purpose: str = "this calculation") -> None:
+        """Raise :class:`~eqv2_calc.errors.InputError` naming this potential if it gives no forces
+        (``provides_forces`` is False); ``purpose`` says what needed them."""
+        if not self.provides_forces:
+            raise InputError(f"{purpose}: the potential {self!r} gives no forces (provides_forces=False)")
 
     def __repr__(self) -> str:
         return type(self).__name__
@@ -246,12 +256,13 @@ def resolve_potential(obj: Any) -> Potential:
 
     Accepted: a :class:`Potential`; an object with a ``potential`` attribute that is one
     (e.g. ``EquiformerV2Calculator``); any ASE calculator (wrapped in :class:`ASEPotential`
-    with ``policy="auto"``).
+    with ``policy="auto"``). A potential without forces (``provides_forces`` False: an
+    energy-only checkpoint) raises :class:`~eqv2_calc.errors.InputError`, as every user of
+    this interface (the relaxer) needs forces.
     """
-    if isinstance(obj, Potential):
-        return obj
-    inner = getattr(obj, "potential", None)
+    inner = obj if isinstance(obj, Potential) else getattr(obj, "potential", None)
     if isinstance(inner, Potential):
+        inner.require_forces("relaxing structures (or any other use of the potential as a force provider)")
         return inner
     if isinstance(obj, BaseCalculator):
         return ASEPotential(obj)
@@ -270,6 +281,9 @@ class EquiformerV2Potential(Potential):
     energy and zero force. Stateless; counts edges. ``provides_stress`` is True for checkpoints
     with a stress head (the materials models): ``potential(batch, stress=True)`` then also
     returns the stress [S, 3, 3] (float64, eV/Å³, ASE sign convention) of systems periodic in 3-D.
+    ``provides_forces`` is False for a checkpoint without a force head (direct IS2RE): then
+    ``potential(batch)`` raises :class:`~eqv2_calc.errors.InputError` and :meth:`evaluate` gives
+    the energies with ``forces=None``.
     """
 
     counts_edges = True
@@ -279,6 +293,18 @@ class EquiformerV2Potential(Potential):
         self.meta = meta
         self.device = model.device
         self.provides_stress = bool(model.cfg.regress_stress)
+        self.provides_forces = bool(model.cfg.regress_forces)
+
+    def require_forces(self, purpose: str = "this calculation") -> None:
+        """Raise :class:`~eqv2_calc.errors.InputError` if the checkpoint has no force head, saying why."""
+        if not self.provides_forces:
+            what = self.meta.path if self.meta is not None else "this model"
+            raise InputError(
+                f"{purpose}: {what} is an energy-only model (direct IS2RE, regress_forces=False: no force head); "
+                "it predicts the relaxed energy from the initial structure and gives no forces. Use its energies "
+                "(calc.get_potential_energy(), predict_batch), or an S2EF checkpoint for forces and relaxations "
+                "(e.g. EquiformerV2-S2EF-ODAC)"
+            )
 
     @property
     def cutoff(self) -> float:
@@ -308,10 +334,11 @@ class EquiformerV2Potential(Potential):
     @torch.inference_mode()
     def evaluate(
         self, batch: AtomsBatch, graph: Graph, stress: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Energies [S] and forces [N, 3] (float64, eV and eV/Å) for a batch and its graph; with
         ``stress=True`` (a stress head is needed) also the stress [S, 3, 3] (float64, eV/Å³) of
-        every system — meaningful only for systems periodic in 3-D, which this does not check."""
+        every system — meaningful only for systems periodic in 3-D, which this does not check.
+        The forces are None for a checkpoint without a force head (``provides_forces`` False)."""
         self.check_numbers(batch.numbers)
         if stress:
             self._require_stress_head()
@@ -319,12 +346,11 @@ class EquiformerV2Potential(Potential):
             batch.numbers, graph.src, graph.dst, graph.vec,
             batch.system_idx, batch.num_systems, stress=stress,
         )
-        energy, forces = out[0], out[1]
-        if forces is None:
-            forces = torch.zeros_like(batch.positions)
+        energy = out[0].double()
+        forces = None if out[1] is None else out[1].double()
         if stress:
-            return energy.double(), forces.double(), out[2].double()
-        return energy.double(), forces.double()
+            return energy, forces, out[2].double()
+        return energy, forces
 
     def _require_stress_head(self) -> None:
         if not self.provides_stress:
@@ -349,6 +375,7 @@ class EquiformerV2Potential(Potential):
     def __call__(
         self, batch: AtomsBatch, keys: Sequence[Hashable] | None = None, *, stress: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self.require_forces("potential(batch) (energies and forces)")
         batch = batch.as_atoms_batch().to(self.device)
         if stress:
             self._require_stress_head()

@@ -47,7 +47,7 @@ def run_predict(args: argparse.Namespace) -> int:
     calc = EquiformerV2Calculator(args.checkpoint, device=args.device, dtype=args.dtype,
                                   trust_checkpoint=args.trust_checkpoint)
     results = calc.predict_batch(frames, max_atoms=args.max_atoms, progress=True)
-    frames = [frame_with_results(atoms, res["energy"], res["forces"], stress=res.get("stress"))
+    frames = [frame_with_results(atoms, res["energy"], res.get("forces"), stress=res.get("stress"))
               for atoms, res in zip(frames, results)]
     atomic_write(args.out, lambda tmp: write(tmp, frames, format="extxyz"))
     print(f"wrote {len(frames)} structures to {args.out}")
