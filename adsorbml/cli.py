@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from eqv2_calc.distributed.options import add_ray_arguments
 from eqv2_calc.errors import Eqv2Error
 from eqv2_calc.runtime import CLI_ALLOCATOR_NOTE
 
@@ -121,9 +122,12 @@ def _run(args: argparse.Namespace) -> int:
     from adsorbml.workflow import run_workflow
 
     cfg = _run_config(args)
+    from eqv2_calc.distributed.options import options_from_args
+
+    ray = options_from_args(args)
     s = run_workflow(cfg, args.out, ml_calculator=_trusted_ml_calculator(args, cfg.ml_calculator),
                      plots=not args.no_plots, progress=not args.quiet,
-                     continue_on_dft_error=args.continue_on_dft_error)
+                     continue_on_dft_error=args.continue_on_dft_error, ray=ray)
     _print_summary(s, s.table)
     return _dft_exit(s, args.continue_on_dft_error)
 
@@ -242,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep going after a DFT single point raises (exit 0); default: stop and exit 1")
     r.add_argument("--no-plots", action="store_true", help="skip the PNG per system")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_ray_arguments(r)
     r.set_defaults(func=_run)
 
     e = sub.add_parser("export", help="top-k VASP inputs + extxyz from a run directory")

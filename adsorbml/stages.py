@@ -69,13 +69,16 @@ Log = Callable[[str], None]
 
 @dataclass
 class RunContext:
-    """What every stage needs: the store, this invocation's run id, the settings."""
+    """What every stage needs: the store, this invocation's run id, the settings, and where the
+    relaxations run (``ray``: :class:`eqv2_calc.distributed.RayOptions`; None = this process).
+    Execution settings are not part of the run's fingerprint: either can resume the other."""
 
     store: RunStore
     run_id: int
     cfg: RunConfig
     progress: bool = True
     log: Log = print
+    ray: Any = None
 
 
 @dataclass
@@ -187,11 +190,10 @@ def _relax_into_store(
     ctx: RunContext, stage: str, items: list[tuple[str, str, Atoms]], calc: Any, level: Level, *,
     progress: bool, values: Callable[[str, str, Any], dict],
 ) -> float:
-    """Relax ``items`` [(system_id, config_id, atoms)] with relax_batch, writing each result to
-    ``stage`` (key values from ``values(system_id, config_id, result)``) the moment it
-    finishes. Returns the wall time (s)."""
-    from eqv2_calc.relax import relax_batch
-
+    """Relax ``items`` [(system_id, config_id, atoms)] with relax_batch (or on Ray actors),
+    writing each result to ``stage`` (key values from ``values(system_id, config_id, result)``)
+    the moment it arrives, here in the driver: the only writer of the store. Returns the wall
+    time (s)."""
     if not items:
         return 0.0
     store = ctx.store
@@ -204,8 +206,20 @@ def _relax_into_store(
         store.log_event(event="finish", stage=stage, run_id=ctx.run_id, system_id=sid, config_id=cid, written=written)
 
     t0 = time.perf_counter()
-    relax_batch([a for _, _, a in items], calc, fmax=level.fmax, steps=level.steps, max_atoms=ctx.cfg.max_atoms,
-                progress=progress, on_result=on_result)
+    atoms = [a for _, _, a in items]
+    settings = dict(fmax=level.fmax, steps=level.steps, max_atoms=ctx.cfg.max_atoms)
+    if ctx.ray is None:
+        from eqv2_calc.relax import relax_batch
+
+        relax_batch(atoms, calc, progress=progress, on_result=on_result, **settings)
+    else:
+        from eqv2_calc.distributed import relax_on_ray
+
+        _, stats = relax_on_ray(atoms, calc, ctx.ray, progress=progress, on_result=on_result, log=ctx.log, **settings)
+        store.log_event(event="ray", stage=stage, run_id=ctx.run_id, actors=stats.actors_started,
+                        nodes=len({a["node"] for a in stats.actor_info}), deaths=stats.actor_deaths,
+                        resubmitted=stats.resubmitted, duplicates_ignored=stats.duplicates_ignored,
+                        given_up=stats.given_up)
     return time.perf_counter() - t0
 
 

@@ -117,6 +117,7 @@ def run_workflow(
     progress: bool = True,
     log: Log = print,
     continue_on_dft_error: bool = False,
+    ray: Any | None = None,
 ) -> RunSummary:
     """Run (or resume) the AdsorbML workflow for ``cfg`` in ``out_dir``.
 
@@ -124,6 +125,8 @@ def run_workflow(
     already loaded model); the names in ``cfg`` still label the run and guard resuming.
     A DFT single point that raises stops the DFT work (single points and ground truth) unless
     ``continue_on_dft_error``; the failures are in :attr:`RunSummary.dft_errors` either way.
+    ``ray`` (:class:`eqv2_calc.distributed.RayOptions`): run the ML (and ground-truth)
+    relaxations on Ray actors; it is not part of the fingerprint, so either way resumes the other.
     """
     from adsorbml.energies import build_scheme
 
@@ -139,7 +142,7 @@ def run_workflow(
     run_id = store.begin_run(dict(cfg.to_dict(), energy_scheme=scheme.to_dict()), cfg.fingerprint())
     if run_id > 1:
         log(f"resuming {store.directory} (run {run_id}): finished work in {store.path.name} is kept")
-    ctx = RunContext(store, run_id, cfg, progress, log)
+    ctx = RunContext(store, run_id, cfg, progress, log, ray)
 
     slabs = stage_slabs(ctx)
     systems = stage_placements(ctx, slabs)

@@ -1,0 +1,29 @@
+"""Test doubles importable by Ray workers (the ray tests put this folder on PYTHONPATH)."""
+
+from __future__ import annotations
+
+import os
+
+from ase.calculators.emt import EMT
+
+
+class FaultyEMT(EMT):
+    """EMT whose worker process dies (``os._exit``) at its ``die_after``-th calculation, once per
+    ``flag`` file: the first process to get there creates the file and exits; all later calls,
+    in any process, are plain EMT (so results equal EMT's bit for bit)."""
+
+    def __init__(self, die_after: int, flag: str, **kwargs):
+        super().__init__(**kwargs)
+        self.die_after, self.flag, self.calls = die_after, flag, 0
+
+    def calculate(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.die_after:
+            try:
+                fd = os.open(self.flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                pass
+            else:
+                os.close(fd)
+                os._exit(1)
+        super().calculate(*args, **kwargs)
