@@ -27,3 +27,13 @@ class FaultyEMT(EMT):
                 os.close(fd)
                 os._exit(1)
         super().calculate(*args, **kwargs)
+
+
+class PoisonEMT(EMT):
+    """EMT that kills its worker process whenever it meets gold (Z = 79): a structure that
+    brings down every actor it is sent to."""
+
+    def calculate(self, atoms=None, *args, **kwargs):
+        if atoms is not None and 79 in atoms.numbers:
+            os._exit(1)
+        super().calculate(atoms, *args, **kwargs)

@@ -66,8 +66,8 @@ def slab(tmp_path_factory) -> Path:
     return path
 
 
-def _argv(slab: Path, out: Path, *extra: str, ml: str = "emt") -> list[str]:
-    return ["run", "--out", str(out), "--slab", str(slab), "--adsorbate", "*O", "--placements", str(N),
+def _argv(slab: Path, out: Path, *extra: str, ml: str = "emt", n: int = N) -> list[str]:
+    return ["run", "--out", str(out), "--slab", str(slab), "--adsorbate", "*O", "--placements", str(n),
             "--no-heuristic", "--seed", "5", "--ml-calculator", ml, "--dft-calculator", "emt", "--k", "3",
             "--max-atoms", "60", "--no-plots", "--quiet", *extra]
 
@@ -182,3 +182,51 @@ def test_driver_kill9_then_resume(cluster, slab, reference, tmp_path):
     _assert_same(out, reference)
     store = RunStore(out, create=False)
     assert {(r.system_id, r.config_id) for r in store.rows("ml") if r.run_id == 1} == before
+
+
+def _structures(n: int) -> list:
+    out = []
+    for i in range(n):
+        s = fcc111("Cu", (2, 2, 3), vacuum=5.0)
+        s.rattle(0.05, seed=i)
+        out.append(s)
+    return out
+
+
+def test_a_structure_that_kills_every_worker_is_given_up(cluster):
+    from ase.calculators.emt import EMT
+    from ray_helpers import PoisonEMT
+
+    from eqv2_calc.distributed import REASON_WORKER_LOST, RayOptions, relax_on_ray
+    from eqv2_calc.relax import relax_batch
+
+    structures = _structures(4)
+    structures[2][0].symbol = "Au"
+    expected = relax_batch(structures[:2] + structures[3:], EMT(), fmax=0.05, steps=30, progress=False)
+    results, stats = relax_on_ray(structures, PoisonEMT(), RayOptions(actors=2, prefetch=1, max_attempts=2),
+                                  fmax=0.05, steps=30, progress=False, log=lambda _: None)
+    assert [r.index for r in results] == [0, 1, 2, 3]
+    assert results[2].failed and results[2].reason.startswith(REASON_WORKER_LOST)
+    assert stats.given_up == 1 and stats.actor_deaths == 2
+    for r, e in zip(results[:2] + results[3:], expected):
+        assert (r.energy, r.nsteps, r.failed) == (e.energy, e.nsteps, False)
+        np.testing.assert_array_equal(r.atoms.positions, e.atoms.positions)
+
+
+def test_shipped_model_float32_on_ray_matches_single_process(cluster, slab, tmp_path):
+    """float32: another batch composition rounds differently, so equality is within a tolerance;
+    the top-k selection (the structures sent to DFT) must be the same."""
+    runs = {}
+    for name, extra in (("local", ()), ("ray", ("--ray", cluster.address, "--actors", "2", "--prefetch", "1"))):
+        out = tmp_path / name
+        assert main(_argv(slab, out, "--steps", "12", "--k", "2", *extra, ml="shipped", n=3)) == 0
+        store = RunStore(out, create=False)
+        runs[name] = ({r.config_id: r for r in store.rows("ml")}, sorted(r.config_id for r in store.rows("dft_sp")))
+    (ml_l, top_l), (ml_r, top_r) = runs["local"], runs["ray"]
+    assert top_l == top_r and len(top_l) == 3  # the clean slab and the top 2 of 3 placements
+    assert sorted(ml_l) == sorted(ml_r)
+    de = max(abs(ml_l[c].ml_energy - ml_r[c].ml_energy) for c in ml_l)
+    dx = max(np.abs(ml_l[c].positions - ml_r[c].positions).max() for c in ml_l)
+    print(f"shipped float32, Ray vs one process: max |dE| = {de:.2e} eV, max |dx| = {dx:.2e} A")
+    assert de < 1e-3 and dx < 1e-2
+    assert {c: ml_l[c].anomaly for c in ml_l} == {c: ml_r[c].anomaly for c in ml_r}

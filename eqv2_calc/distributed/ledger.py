@@ -27,6 +27,7 @@ class Ledger:
         self.n = n
         self.duplicates = 0
         self.resubmitted = 0
+        self._requeued: set[int] = set()  # pending again after an actor died
 
     @property
     def complete(self) -> bool:
@@ -40,8 +41,7 @@ class Ledger:
         keys = []
         while self.pending and len(keys) < room:
             key = self.pending.popleft()
-            if key in self.done:  # a late result of an earlier attempt already finished it
-                continue
+            self._requeued.discard(key)
             self.attempts[key] += 1
             keys.append(key)
         self.inflight.setdefault(slot, set()).update(keys)
@@ -54,6 +54,9 @@ class Ledger:
             self.duplicates += 1
             return False
         self.done.add(key)
+        if key in self._requeued:  # a late result of the dead actor: no need to run it again
+            self._requeued.discard(key)
+            self.pending.remove(key)
         return True
 
     def lose(self, slot: int) -> tuple[list[int], list[int]]:
@@ -62,5 +65,6 @@ class Ledger:
         requeue = [k for k in lost if self.attempts[k] < self.max_attempts]
         exhausted = [k for k in lost if self.attempts[k] >= self.max_attempts]
         self.pending.extendleft(reversed(requeue))
+        self._requeued.update(requeue)
         self.resubmitted += len(requeue)
         return requeue, exhausted
