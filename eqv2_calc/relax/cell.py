@@ -32,6 +32,9 @@ and with ``hydrostatic_strain`` the cell keeps its shape (``F`` stays a multiple
 Fixed atoms (``FixAtoms``, OC20 tag 0) keep their coordinates ``x_i``: they move with the cell,
 as in ASE; constraints on single Cartesian components are not supported with a cell filter.
 
+The 3×3 matrix functions (exponential, Fréchet derivative, inverse, determinant) are those of
+:mod:`eqv2_calc.relax.matfun`.
+
 Minimal loop (the runner in :mod:`eqv2_calc.relax.runner` adds in-flight refill, failures, outputs)::
 
     state = cell_init(pos, numbers, natoms, cell, pbc, free, history_size=100)
@@ -63,6 +66,7 @@ from eqv2_calc.relax.lbfgs import (
     lbfgs_set_results,
     segment_max,
 )
+from eqv2_calc.relax.matfun import det3, expm, expm_frechet_adjoint, inv3
 
 CELL_FILTERS: tuple[str, ...] = ("frechet",)
 """Cell filters :func:`~eqv2_calc.relax.relax_batch` accepts as ``cell_filter``."""
@@ -169,7 +173,7 @@ class CellLBFGSState(LBFGSState):
         """Host copies of the Cartesian positions [N, 3] and cells [S, 3, 3] at the previous
         step's coordinates ``r0``/``cell_dof0``: where ``forces``/``energy``/``stress`` were
         evaluated when a step was taken since (meaningless for systems with ``iteration == 0``)."""
-        f0 = torch.linalg.matrix_exp(self.cell_dof0 / self.cell_factor[:, None, None])
+        f0 = expm(self.cell_dof0 / self.cell_factor[:, None, None])
         pos = torch.einsum("nj,nij->ni", self.r0, f0[self.system_idx])
         cell = self.ref_cell @ f0.transpose(1, 2)
         return pos.detach().cpu().numpy(), cell.detach().cpu().numpy()
@@ -220,19 +224,6 @@ def cell_init(
     )
 
 
-def expm_frechet_adjoint(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``Dexp(a)*[g]`` for batches of 3×3 matrices [S, 3, 3]: the matrix ``M`` with
-    ``⟨M, E⟩ = ⟨Dexp(a)[E], g⟩`` for every ``E`` (Frobenius products), i.e. the gradient of
-    ``⟨exp(a), g⟩`` with respect to ``a``. Equals the Fréchet derivative of ``exp`` at ``aᵀ``
-    in the direction ``g``, computed as the upper-right block of ``exp([[aᵀ, g], [0, aᵀ]])``
-    (``g`` scaled to unit norm inside, the result is linear in it)."""
-    at = a.transpose(1, 2)
-    norm = torch.linalg.matrix_norm(g).clamp_min(1e-300)[:, None, None]
-    zeros = torch.zeros_like(a)
-    block = torch.cat([torch.cat([at, g / norm], dim=2), torch.cat([zeros, at], dim=2)], dim=1)
-    return torch.linalg.matrix_exp(block)[:, :3, 3:] * norm
-
-
 def frechet_cell_forces(
     stress: torch.Tensor,
     cell: torch.Tensor,
@@ -247,12 +238,12 @@ def frechet_cell_forces(
     ``log_deform`` = ``log F`` = ``X / c``, ``cell_factor`` = ``c`` [S]. See the module
     docstring for the formula (ASE's ``FrechetCellFilter.get_forces`` cell rows).
     """
-    volume = torch.linalg.det(cell).abs()[:, None, None]
+    volume = det3(cell).abs()[:, None, None]
     eye = torch.eye(3, dtype=stress.dtype, device=stress.device)
     virial = -volume * (stress + filt.scalar_pressure * eye)
     if filt.hydrostatic_strain:
         virial = virial.diagonal(dim1=1, dim2=2).sum(-1)[:, None, None] / 3.0 * eye
-    grad_f = virial @ torch.linalg.inv(deform).transpose(1, 2)  # -dE/dF at fixed x
+    grad_f = virial @ inv3(deform).transpose(1, 2)  # -dE/dF at fixed x
     phi = expm_frechet_adjoint(log_deform, grad_f)  # -dE/d(log F)
     if filt.constant_volume:
         phi = phi - phi.diagonal(dim1=1, dim2=2).sum(-1)[:, None, None] / 3.0 * eye
@@ -314,7 +305,7 @@ def cell_set_coordinates(state: CellLBFGSState, undeformed: torch.Tensor, cell_d
     ``C0 Fᵀ`` and the positions ``F x_i``. Results become stale."""
     state.undeformed = undeformed.to(device=state.device, dtype=torch.float64)
     state.cell_dof = cell_dof.to(device=state.device, dtype=torch.float64)
-    state.deform = torch.linalg.matrix_exp(state.cell_dof / state.cell_factor[:, None, None])
+    state.deform = expm(state.cell_dof / state.cell_factor[:, None, None])
     state.cell = state.ref_cell @ state.deform.transpose(1, 2)
     state.positions = torch.einsum("nj,nij->ni", state.undeformed, state.deform[state.system_idx])
     return state
