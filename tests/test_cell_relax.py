@@ -404,6 +404,163 @@ def test_fixed_atoms_move_with_the_cell_like_ase():
     assert r.nsteps == n_ase
 
 
+# ------------------------------------------------------------------ cell masks (ASE's mask=)
+MASKS = {
+    "no shear": [1, 1, 1, 0, 0, 0],
+    "c axis only": [0, 0, 1, 0, 0, 0],
+    "in plane": [1, 1, 0, 0, 0, 1],
+    # free xy and yz shears make exp(X/c) grow an xz component that the mask removes:
+    # the path where X is re-read as c log F (a matrix logarithm per step), as in ASE
+    "xz kept": [1, 1, 1, 1, 0, 1],
+    "3x3 array": np.array([[1, 0, 1], [0, 0, 0], [1, 0, 1]], dtype=bool),  # xx, zz, xz relax
+}
+MASKED_CRYSTALS = (1, 2, 4, 6, 7, 10, 12, 13)  # 2-16 atoms: cubic, 3x3x1, 2x1x1, orthorhombic, hcp, L1_2, L1_0
+
+
+def _mask3(mask) -> np.ndarray:
+    m = np.asarray(mask, dtype=bool)
+    return m if m.shape == (3, 3) else m[[[0, 5, 4], [5, 1, 3], [4, 3, 2]]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mask_name", list(MASKS))
+def test_masked_cell_relaxation_matches_ase_frechet_lbfgs(crystals, mask_name):
+    mask = MASKS[mask_name]
+    picked = [crystals[k] for k in MASKED_CRYSTALS]
+    refs = [ase_cell_relax(a, mask=mask) for _, a in picked]
+    results = relax_batch([a for _, a in picked], EMT(), fmax=FMAX, steps=STEPS, max_atoms=16,
+                          cell_filter="frechet", cell_mask=mask, progress=False)
+    kept = ~_mask3(mask)
+    changed = 0.0
+    for (name, atoms), r, (ref, n_ase, conv_ase, _) in zip(picked, results, refs):
+        assert conv_ase, f"ASE did not converge {name}"
+        assert r.converged and not r.failed and r.fmax < FMAX, f"{name}: {r.reason}"
+        de = abs(r.energy - ref.get_potential_energy()) / len(atoms)
+        dcell = np.abs(r.atoms.cell.array - ref.cell.array).max()
+        print(f"{mask_name:12s} {name:22s} steps {r.nsteps:3d} (ASE {n_ase:3d}) dE/atom {de:.1e} eV, d cell {dcell:.1e} Å")
+        assert de <= ENERGY_TOL, name
+        assert dcell <= LATTICE_TOL, name
+        # the kept components of the deformation C0^-1 C - I stay exactly where they were
+        deformation = np.linalg.solve(atoms.cell.array, r.atoms.cell.array) - np.eye(3)
+        assert np.abs(deformation[kept]).max(initial=0.0) < 1e-12, name
+        changed = max(changed, np.abs(deformation[~kept]).max())
+    assert changed > 0.01  # the free components did relax
+    assert statistics.median(r.nsteps for r in results) <= statistics.median(n for _, n, _, _ in refs)
+
+
+@pytest.mark.slow
+def test_masked_relaxation_without_curvature_guard_follows_ase_s_path(crystals):
+    """With curvature_guard="none" a masked relaxation is ASE's step for step, also where every
+    step needs the matrix logarithm (the "xz kept" mask)."""
+    mask = MASKS["xz kept"]
+    picked = [crystals[k] for k in MASKED_CRYSTALS]
+    results = relax_batch([a for _, a in picked], EMT(), fmax=FMAX, steps=STEPS, max_atoms=16, cell_filter="frechet",
+                          cell_mask=mask, curvature_guard="none", save_every=1, progress=False)
+    for (name, atoms), r in zip(picked, results):
+        _, n_ase, _, cells = ase_cell_relax(atoms, mask=mask)
+        assert r.nsteps == n_ase, name
+        np.testing.assert_allclose(np.array([f.cell.array for f in r.trajectory]), np.array(cells), atol=1e-8,
+                                   err_msg=name)
+
+
+@pytest.mark.parametrize("kw", [{"constant_volume": True}, {"scalar_pressure": 0.01}], ids=["constant_volume", "pressure"])
+def test_masked_options_match_ase(kw):
+    atoms = _fcc_under_strain()
+    mask = MASKS["no shear"]
+    r, = relax_batch([atoms], EMT(), fmax=FMAX, cell_filter="frechet", cell_mask=mask, progress=False,
+                     save_every=1, **kw)
+    ref, n_ase, conv, _ = ase_cell_relax(atoms, mask=mask, **kw)
+    assert conv and r.converged and r.nsteps <= n_ase
+    np.testing.assert_allclose(r.atoms.cell.array, ref.cell.array, atol=LATTICE_TOL)
+    assert abs(r.energy - ref.get_potential_energy()) / len(atoms) < ENERGY_TOL
+    off_diagonal = ~np.eye(3, dtype=bool)
+    for frame in r.trajectory:
+        assert np.abs(np.linalg.solve(atoms.cell.array, frame.cell.array)[off_diagonal]).max() < 1e-12
+        if kw.get("constant_volume"):
+            assert abs(frame.get_volume() / atoms.get_volume() - 1) < 1e-8
+
+
+@pytest.mark.parametrize("mask_name", list(MASKS))
+def test_masked_generalized_forces_and_step_geometry_match_ase_frechet_filter(mask_name):
+    """One masked step as ASE's FrechetCellFilter(mask=...) takes it: set_positions() projects
+    the deformation (cell and positions), get_positions() re-reads the cell coordinates, and
+    get_forces() masks the virial."""
+    mask = MASKS[mask_name]
+    atoms = strained(bulk("Cu", "fcc", a=3.6, cubic=True) * (2, 1, 1), seed=7, rattle=0.05)
+    atoms.calc = EMT()
+    base = atoms.copy()
+    filt = FrechetCellFilter(atoms, mask=mask)
+    x = filt.get_positions()
+    n, c = len(atoms), filt.exp_cell_factor
+    rng = np.random.default_rng(1)
+    move = np.zeros_like(x)
+    move[n:] = rng.normal(scale=0.05 * c, size=(3, 3))  # every component, the masked ones too
+    move[:n] = rng.normal(scale=0.02, size=(n, 3))
+    filt.set_positions(x + move)
+    x_after = filt.get_positions()
+    ase_forces = filt.get_forces()
+
+    ours = CellFilter(mask=mask)
+    st = _state_at(base, np.zeros((n, 3)), np.zeros((3, 3)))
+    log_f = (x + move)[n:] / c - np.log(n) * np.eye(3)  # ASE's cell coordinates carry a constant c log(n) I
+    cell_set_coordinates(st, torch.as_tensor((x + move)[:n]), torch.as_tensor(c * log_f)[None],
+                         mask=ours.mask_tensor())
+    np.testing.assert_allclose(st.cell.numpy()[0], atoms.cell.array, atol=1e-12)
+    np.testing.assert_allclose(st.positions.numpy(), atoms.positions, atol=1e-12)
+    np.testing.assert_allclose(st.cell_dof.numpy()[0], x_after[n:] - c * np.log(n) * np.eye(3), atol=1e-12)
+    _evaluate(st, ours)
+    got = torch.cat([st.generalized_atom_forces(), st.cell_forces[0]]).numpy()
+    np.testing.assert_allclose(got, ase_forces, atol=1e-9, rtol=0)
+    if mask_name != "xz kept":  # a mask closed under products: no force on the kept components
+        assert np.abs(got[n:][~_mask3(mask)]).max(initial=0.0) < 1e-12
+
+
+def test_cell_mask_forms_and_bad_masks():
+    no_shear = ((True, False, False), (False, True, False), (False, False, True))
+    assert CellFilter(mask=[1, 1, 1, 0, 0, 0]).mask == no_shear
+    assert CellFilter(mask=np.eye(3, dtype=bool)).mask == no_shear
+    assert CellFilter(mask=[True, False, False, True, False, False]).mask == (
+        (True, False, False), (False, False, True), (False, True, False))  # xx and yz (Voigt order)
+    assert CellFilter(mask=[1] * 6).mask is None and CellFilter(mask=np.ones((3, 3))).mask is None
+    assert CellFilter(mask=[0] * 6).mask_tensor().sum() == 0  # every component kept: positions only
+    bad = [
+        ([1, 1, 1], r"shape \(3,\); expected 6 Voigt components \('xx', 'yy', 'zz', 'yz', 'xz', 'xy'\) or a 3×3"),
+        ([[1, 1, 1], [1, 1, 1]], r"shape \(2, 3\)"),
+        ([1] * 9, r"shape \(9,\)"),
+        ("1,1,1,0,0,0", "not a string"),
+        ([[1, 1, 1], [1, 1]], "not a rectangular array"),
+        ([1, 1, 1, 0.5, 0.5, 0.5], r"True/1 \(relax\) or False/0 \(keep\)"),
+        ([1, 1, 1, 1, 1, np.nan], "True/1"),
+        ([2, 1, 1, 1, 1, 1], "True/1"),
+        ([[1, 1, 0], [0, 1, 0], [0, 0, 1]], "must be symmetric"),
+        ([1, 1, 1, 0, 0, 1j], "booleans"),
+    ]
+    for mask, message in bad:
+        with pytest.raises(InputError, match=message):
+            CellFilter(mask=mask)
+    with pytest.raises(InputError, match=r"cell_mask keeps yz, xz, xy but hydrostatic_strain=True"):
+        CellFilter(mask=[1, 1, 1, 0, 0, 0], hydrostatic_strain=True)
+    with pytest.raises(InputError, match=r"normal strain\(s\) zz; with constant_volume=True"):
+        CellFilter(mask=[1, 1, 0, 1, 1, 1], constant_volume=True)
+    CellFilter(mask=[1, 1, 1, 0, 0, 0], constant_volume=True)  # shear kept at constant volume: fine
+    crystal = bulk("Cu", "fcc", a=3.6)
+    with pytest.raises(InputError, match=r"\['cell_mask'\] only apply to a cell relaxation"):
+        relax_batch([crystal], EMT(), cell_mask=[1, 1, 1, 0, 0, 0], progress=False)
+    with pytest.raises(InputError, match="inside the CellFilter"):
+        relax_batch([crystal], EMT(), cell_filter=CellFilter(), cell_mask=[1, 1, 1, 0, 0, 0], progress=False)
+    with pytest.raises(InputError, match="shape"):
+        relax_batch([crystal], EMT(), cell_filter="frechet", cell_mask=[1, 0], progress=False)
+
+
+def test_a_mask_that_keeps_nothing_is_no_mask():
+    atoms = _fcc_under_strain()
+    plain, = relax_batch([atoms], EMT(), fmax=FMAX, cell_filter="frechet", progress=False)
+    ones, = relax_batch([atoms], EMT(), fmax=FMAX, cell_filter="frechet", cell_mask=[True] * 6, progress=False)
+    assert ones.nsteps == plain.nsteps
+    np.testing.assert_array_equal(ones.atoms.cell.array, plain.atoms.cell.array)
+    np.testing.assert_array_equal(ones.atoms.positions, plain.atoms.positions)
+
+
 # ------------------------------------------------------------------ in-flight machinery with a cell filter
 def test_trajectory_frames_carry_cells_and_the_last_is_the_result(tmp_path):
     atoms = _fcc_under_strain()
@@ -586,3 +743,48 @@ def test_cli_relax_cell_and_resume(tmp_path, capsys):
     assert "hydrostatic_strain: false → true" in capsys.readouterr().err
     assert main([*args[:-1], "--constant-volume", "--out", str(tmp_path / "o2")]) == 2
     assert "add --relax-cell" in capsys.readouterr().err
+
+
+def test_cli_cell_mask_and_resume(tmp_path, capsys):
+    from eqv2_calc.cli import main
+
+    crystals = [a for _, a in bulk_crystals()[:3]]
+    inp, out = tmp_path / "in.extxyz", tmp_path / "out"
+    write(inp, crystals, format="extxyz")
+    base = ["relax", str(inp), "--calculator", "emt", "--no-progress", "--fmax", "0.02"]
+    args = [*base, "--out", str(out), "--relax-cell", "--cell-mask", "0,0,1,0,0,0"]
+    assert main(args) == 0
+    recorded = json.loads((out / "run.json").read_text())["settings"]["cell_mask"]
+    assert recorded == [False, False, True, False, False, False]
+    relaxed = read(out / "is2rs.extxyz", ":")
+    direct = relax_batch(read(inp, ":"), EMT(), fmax=0.02, cell_filter="frechet", cell_mask=[0, 0, 1, 0, 0, 0],
+                         progress=False)
+    zz_only = np.zeros((3, 3), dtype=bool)
+    zz_only[2, 2] = True
+    for a, r, a0 in zip(relaxed, direct, crystals):
+        np.testing.assert_allclose(a.cell.array, r.atoms.cell.array, atol=1e-7)
+        deformation = np.linalg.solve(a0.cell.array, a.cell.array) - np.eye(3)
+        assert np.abs(deformation[~zz_only]).max() < 1e-7  # only zz relaxed
+    capsys.readouterr()
+    assert main([*args[:-1], "false,false,true,false,false,false"]) == 0  # the same mask, other spelling
+    assert json.loads((out / "summary.json").read_text())["resumed"] == 3
+    capsys.readouterr()
+    assert main([*args[:-1], "1,1,1,0,0,0"]) == 2  # another mask is another result: refused
+    assert ("cell_mask: [false, false, true, false, false, false] → [true, true, true, false, false, false]"
+            in capsys.readouterr().err)
+    assert main(args[:-2]) == 2  # without the mask: refused too
+    assert "cell_mask: [false, false, true, false, false, false] → null" in capsys.readouterr().err
+    o2 = tmp_path / "o2"
+    assert main([*base, "--out", str(o2), "--relax-cell", "--cell-mask", "1,1,1,1,1,1"]) == 0
+    assert json.loads((o2 / "run.json").read_text())["settings"]["cell_mask"] is None  # nothing kept = no mask
+    capsys.readouterr()
+    o3 = ["--out", str(tmp_path / "o3")]
+    for extra, message in [(["--cell-mask", "1,1,1"], "six comma-separated 1/0 values for xx,yy,zz,yz,xz,xy"),
+                           (["--cell-mask", "1,1,1,0,0,2"], "six comma-separated"),
+                           (["--cell-mask", "1,1,1,0,0,0", "--hydrostatic-strain"],
+                            "hydrostatic_strain=True allows only an isotropic deformation")]:
+        assert main([*base, *o3, "--relax-cell", *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert main([*base, *o3, "--cell-mask", "1,1,1,0,0,0"]) == 2
+    assert "--cell-mask only apply to a cell relaxation: add --relax-cell" in capsys.readouterr().err
+    assert not (tmp_path / "o3").exists()  # refused before anything is written

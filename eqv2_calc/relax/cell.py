@@ -14,8 +14,11 @@ the volume (Å³) and ``p`` the scalar pressure (eV/Å³).
 ==================  =======================================================================
 coordinates         ``x_i = F⁻¹ r_i`` (Å; positions in the reference frame) and
                     ``X = c · log F`` (the matrix logarithm; dimensionless, ``X = 0`` at start)
-geometry            ``F = exp(X / c)``, ``C = C0 Fᵀ``, ``r_i = F x_i``
-virial              ``W = −V (σ + p I)`` (eV); ``hydrostatic_strain``: ``W → tr(W)/3 · I``
+geometry            ``F = exp(X / c)``, ``C = C0 Fᵀ``, ``r_i = F x_i``; with a ``mask`` ``M``
+                    a step is projected as ASE's ``set_positions`` does it:
+                    ``F = I + (exp(X / c) − I) ∘ Mᵀ`` and then ``X = c · log F``
+virial              ``W = −V (σ + p I)`` (eV); ``hydrostatic_strain``: ``W → tr(W)/3 · I``;
+                    ``mask`` ``M``: ``W → W ∘ M`` (elementwise)
 atom forces         ``f̃_i = Fᵀ f_i`` (eV/Å; constrained forces, fixed atoms give 0)
 cell forces         ``Φ = Dexp(log F)*[W F⁻ᵀ] / c`` (eV), where ``Dexp(A)*`` is the adjoint of
                     the Fréchet derivative of the matrix exponential at ``A`` (=
@@ -32,26 +35,34 @@ and with ``hydrostatic_strain`` the cell keeps its shape (``F`` stays a multiple
 Fixed atoms (``FixAtoms``, OC20 tag 0) keep their coordinates ``x_i``: they move with the cell,
 as in ASE; constraints on single Cartesian components are not supported with a cell filter.
 
-The 3×3 matrix functions (exponential, Fréchet derivative, inverse, determinant) are those of
-:mod:`eqv2_calc.relax.matfun`.
+``mask`` (ASE's ``mask`` of the ``UnitCellFilter`` family): 6 Voigt components ``(xx, yy, zz,
+yz, xz, xy)`` or a symmetric 3×3 array ``M``, True/1 = relax, False/0 = keep; the virial is
+multiplied by it elementwise before the cell forces are formed, and so is the deformation
+``Fᵀ − I`` of every step (so a kept component of ``C0⁻¹ C − I`` stays 0). Components of
+``exp(X / c)`` that the mask removes (products of free shear components can create them) make
+``X`` differ from ``c log F``; like ASE, the optimizer continues from ``X = c log F`` of the
+cell it actually set, so each masked step costs a matrix logarithm as well.
 
-Minimal loop (the runner in :mod:`eqv2_calc.relax.runner` adds in-flight refill, failures, outputs)::
+The 3×3 matrix functions (exponential, logarithm, Fréchet derivative, inverse, determinant)
+are those of :mod:`eqv2_calc.relax.matfun`.
+
+Minimal loop (the engine in :mod:`eqv2_calc.relax.engine` adds in-flight refill, failures, outputs)::
 
     state = cell_init(pos, numbers, natoms, cell, pbc, free, history_size=100)
-    filt = CellFilter()
+    filt = CellFilter()   # e.g. CellFilter(mask=[1, 1, 1, 0, 0, 0])
     for _ in range(steps + 1):
         energy, forces, stress = potential(state.as_atoms_batch(), stress=True)
         cell_set_results(state, energy, forces, stress, filt)
         if bool((cell_system_fmax(state) < fmax).all()):
             break
-        cell_lbfgs_step(state, LBFGSParams())
+        cell_lbfgs_step(state, LBFGSParams(), filt)
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
@@ -66,13 +77,82 @@ from eqv2_calc.relax.lbfgs import (
     lbfgs_set_results,
     segment_max,
 )
-from eqv2_calc.relax.matfun import det3, expm, expm_frechet_adjoint, inv3
+from eqv2_calc.relax.matfun import det3, expm, expm_frechet_adjoint, inv3, logm3
 
 CELL_FILTERS: tuple[str, ...] = ("frechet",)
 """Cell filters :func:`~eqv2_calc.relax.relax_batch` accepts as ``cell_filter``."""
 
-CELL_FILTER_OPTIONS: tuple[str, ...] = ("exp_cell_factor", "hydrostatic_strain", "constant_volume", "scalar_pressure")
-"""Keyword arguments of :func:`~eqv2_calc.relax.relax_batch` that configure the cell filter."""
+CELL_FILTER_OPTIONS: tuple[str, ...] = (
+    "exp_cell_factor", "hydrostatic_strain", "constant_volume", "scalar_pressure", "cell_mask",
+)
+"""Keyword arguments of :func:`~eqv2_calc.relax.relax_batch` that configure the cell filter
+(``cell_mask`` is :attr:`CellFilter.mask`, the others have the same name there)."""
+
+VOIGT_COMPONENTS: tuple[str, ...] = ("xx", "yy", "zz", "yz", "xz", "xy")
+"""Order of the 6 Voigt components of a cell mask (ASE's stress order)."""
+
+_VOIGT_INDEX = ((0, 5, 4), (5, 1, 3), (4, 3, 2))  # 3×3 position -> Voigt component
+_VOIGT_PAIRS = ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))  # Voigt component -> 3×3 position
+_AXES = "xyz"
+
+CellMask = tuple[tuple[bool, bool, bool], tuple[bool, bool, bool], tuple[bool, bool, bool]]
+"""A normalized cell mask: 3×3 booleans as nested tuples (rows; True = relax)."""
+
+
+def normalize_cell_mask(mask: Any) -> CellMask | None:
+    """``mask`` as ASE's ``UnitCellFilter``/``FrechetCellFilter`` read it, normalized: 6 Voigt
+    components ``(xx, yy, zz, yz, xz, xy)`` (expanded symmetrically) or a symmetric 3×3 array
+    (rows = Cartesian x, y, z) of booleans or 0/1; None, or a mask of only True (nothing is
+    kept), gives None. Anything else raises :class:`~eqv2_calc.errors.InputError`.
+
+    ASE also takes other numbers and asymmetric 3×3 masks, but then its optimizer follows
+    forces that are not the gradient of the motion it allows (it multiplies the virial by ``M``
+    and the deformation by ``Mᵀ``, and re-reads the cell coordinates after every step): on 8
+    strained EMT crystals ASE's LBFGS converged 1 of 16 such relaxations (shear weights 0.5, an
+    upper-triangular mask) in 300 steps, and all 32 with symmetric 0/1 masks. Those are refused
+    here."""
+    if mask is None:
+        return None
+    if isinstance(mask, (str, bytes)):
+        raise InputError(f"cell_mask={mask!r}: expected 6 Voigt components {VOIGT_COMPONENTS} or a 3×3 array, "
+                         "not a string")
+    try:
+        arr = np.asarray(mask)
+    except (TypeError, ValueError) as exc:  # ragged nested sequences
+        raise InputError(f"cell_mask={mask!r} is not a rectangular array: {exc}") from exc
+    if arr.dtype.kind not in "biuf":
+        raise InputError(f"cell_mask must hold booleans (or 0/1), got {arr.dtype} values: {mask!r}")
+    if arr.shape == (6,):
+        arr = arr[np.array(_VOIGT_INDEX)]
+    elif arr.shape != (3, 3):
+        raise InputError(
+            f"cell_mask has shape {arr.shape}; expected 6 Voigt components {VOIGT_COMPONENTS} "
+            "or a 3×3 array (as ASE's FrechetCellFilter(mask=...))"
+        )
+    if not np.isin(arr, (0, 1)).all():
+        raise InputError(
+            f"cell_mask entries must be True/1 (relax) or False/0 (keep), got {np.asarray(mask).tolist()}: other weights "
+            "make ASE's masked cell filter follow inconsistent forces (it does not converge either)"
+        )
+    arr = arr.astype(bool)
+    if not (arr == arr.T).all():
+        raise InputError(
+            f"a 3×3 cell_mask must be symmetric (the virial is), got {arr.astype(int).tolist()}: ASE masks the "
+            "virial with M but the deformation with Mᵀ, so an asymmetric mask gives inconsistent forces"
+        )
+    if arr.all():
+        return None
+    return tuple(tuple(bool(v) for v in row) for row in arr)  # type: ignore[return-value]
+
+
+def cell_mask_voigt(mask: CellMask | None) -> list[bool]:
+    """A normalized mask as its 6 Voigt components ``(xx, yy, zz, yz, xz, xy)`` (None: all True)."""
+    return [True] * 6 if mask is None else [bool(mask[i][j]) for i, j in _VOIGT_PAIRS]
+
+
+def _restricted(mask: CellMask, positions: Sequence[tuple[int, int]] = _VOIGT_PAIRS) -> list[str]:
+    """Voigt names (``"xx"``, ..., ``"xy"``) of the components a (symmetric) mask keeps."""
+    return [_AXES[i] + _AXES[j] for i, j in positions if not mask[i][j]]
 
 
 @dataclass(frozen=True)
@@ -95,6 +175,13 @@ class CellFilter:
     scalar_pressure:
         External pressure ``p`` in eV/Å³ (1 GPa = 0.006241509 eV/Å³): the enthalpy
         ``E + pV`` is minimized (``RelaxResult.energy`` stays the potential energy ``E``).
+    mask:
+        Which cell components relax (``relax_batch(..., cell_mask=...)``; ASE's ``mask``):
+        6 Voigt components ``(xx, yy, zz, yz, xz, xy)`` or a symmetric 3×3 array, True/1 =
+        relax, False/0 = keep. Stored normalized (:func:`normalize_cell_mask`: 3×3 nested
+        tuples of bools, None if nothing is kept). Not with ``hydrostatic_strain``; with
+        ``constant_volume`` only shear components (yz, xz, xy) may be kept. See the module
+        docstring.
     """
 
     kind: Literal["frechet"] = "frechet"
@@ -102,6 +189,7 @@ class CellFilter:
     hydrostatic_strain: bool = False
     constant_volume: bool = False
     scalar_pressure: float = 0.0
+    mask: CellMask | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in CELL_FILTERS:
@@ -116,6 +204,23 @@ class CellFilter:
                 raise InputError(f"{name}={getattr(self, name)!r} must be True or False")
         if not (isinstance(self.scalar_pressure, (int, float)) and np.isfinite(self.scalar_pressure)):
             raise InputError(f"scalar_pressure={self.scalar_pressure!r} eV/Å³ must be a finite number")
+        mask = normalize_cell_mask(self.mask)
+        object.__setattr__(self, "mask", mask)  # frozen dataclass: the normalized form
+        if mask is not None and self.hydrostatic_strain:
+            raise InputError(
+                f"cell_mask keeps {', '.join(_restricted(mask))} but hydrostatic_strain=True allows only an "
+                "isotropic deformation of the whole cell: use one or the other"
+            )
+        if mask is not None and self.constant_volume and _restricted(mask, [(0, 0), (1, 1), (2, 2)]):
+            raise InputError(
+                f"cell_mask keeps the normal strain(s) {', '.join(_restricted(mask, [(0, 0), (1, 1), (2, 2)]))}; "
+                "with constant_volume=True xx, yy and zz must all be free (the volume constraint moves them "
+                "together); fix only shear components (yz, xz, xy)"
+            )
+
+    def mask_tensor(self, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> torch.Tensor | None:
+        """:attr:`mask` as a [3, 3] tensor of 0/1, or None if nothing is kept."""
+        return None if self.mask is None else torch.tensor(self.mask, dtype=dtype, device=device)
 
 
 @dataclass(kw_only=True)
@@ -243,6 +348,9 @@ def frechet_cell_forces(
     virial = -volume * (stress + filt.scalar_pressure * eye)
     if filt.hydrostatic_strain:
         virial = virial.diagonal(dim1=1, dim2=2).sum(-1)[:, None, None] / 3.0 * eye
+    mask = filt.mask_tensor(stress.dtype, stress.device)
+    if mask is not None:
+        virial = virial * mask
     grad_f = virial @ inv3(deform).transpose(1, 2)  # -dE/dF at fixed x
     phi = expm_frechet_adjoint(log_deform, grad_f)  # -dE/d(log F)
     if filt.constant_volume:
@@ -275,10 +383,11 @@ def cell_system_fmax(state: CellLBFGSState) -> torch.Tensor:
     return torch.maximum(atoms, cells)  # NaN propagates
 
 
-def cell_lbfgs_step(state: CellLBFGSState, params: LBFGSParams) -> CellLBFGSState:
+def cell_lbfgs_step(state: CellLBFGSState, params: LBFGSParams, filt: CellFilter | None = None) -> CellLBFGSState:
     """One L-BFGS step of every system in the generalized coordinates (in place; returns
     ``state``): the displacement of :func:`~eqv2_calc.relax.lbfgs.lbfgs_displacement` over the
-    N + 3 rows per system, then the new ``F``, cell and Cartesian positions. ``forces``,
+    N + 3 rows per system, then the new ``F``, cell and Cartesian positions (masked by
+    ``filt.mask`` if set: pass the filter given to :func:`cell_set_results`). ``forces``,
     ``stress`` and ``cell_forces`` are stale until the next :func:`cell_set_results`."""
     s = state.num_systems
     dev = state.device
@@ -294,18 +403,31 @@ def cell_lbfgs_step(state: CellLBFGSState, params: LBFGSParams) -> CellLBFGSStat
     n = state.num_atoms
     state.r0, state.f0 = state.undeformed, fa
     state.cell_dof0, state.cell_forces0 = state.cell_dof, state.cell_forces
-    cell_set_coordinates(state, state.undeformed + dx[:n], state.cell_dof + dx[n:].reshape(s, 3, 3))
+    mask = None if filt is None else filt.mask_tensor(torch.float64, dev)
+    cell_set_coordinates(state, state.undeformed + dx[:n], state.cell_dof + dx[n:].reshape(s, 3, 3), mask=mask)
     state.iteration = state.iteration + 1
     return state
 
 
-def cell_set_coordinates(state: CellLBFGSState, undeformed: torch.Tensor, cell_dof: torch.Tensor) -> CellLBFGSState:
+def cell_set_coordinates(
+    state: CellLBFGSState, undeformed: torch.Tensor, cell_dof: torch.Tensor, mask: torch.Tensor | None = None
+) -> CellLBFGSState:
     """Move every system to the generalized coordinates ``undeformed`` [N, 3] (Å) and
     ``cell_dof`` [S, 3, 3] (in place; returns ``state``): sets ``F = exp(X / c)``, the cell
-    ``C0 Fᵀ`` and the positions ``F x_i``. Results become stale."""
+    ``C0 Fᵀ`` and the positions ``F x_i``. With a [3, 3] ``mask`` ``M``
+    (:meth:`CellFilter.mask_tensor`), ``F = I + (exp(X / c) − I) ∘ Mᵀ`` instead and
+    ``cell_dof`` becomes ``c log F`` (ASE's ``set_positions`` followed by ``get_positions``).
+    Results become stale."""
     state.undeformed = undeformed.to(device=state.device, dtype=torch.float64)
-    state.cell_dof = cell_dof.to(device=state.device, dtype=torch.float64)
-    state.deform = expm(state.cell_dof / state.cell_factor[:, None, None])
+    factor = state.cell_factor[:, None, None]
+    cell_dof = cell_dof.to(device=state.device, dtype=torch.float64)
+    deform = expm(cell_dof / factor)
+    if mask is not None:
+        eye = torch.eye(3, dtype=torch.float64, device=state.device)
+        deform = eye + (deform - eye) * mask.to(deform).T
+        cell_dof = factor * logm3(deform)
+    state.cell_dof = cell_dof
+    state.deform = deform
     state.cell = state.ref_cell @ state.deform.transpose(1, 2)
     state.positions = torch.einsum("nj,nij->ni", state.undeformed, state.deform[state.system_idx])
     return state

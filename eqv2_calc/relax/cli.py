@@ -17,7 +17,8 @@ Output directory layout (all files readable with ``ase.io`` or as plain CSV/JSON
 ``--relax-cell`` relaxes every structure's cell together with its positions (ASE
 ``FrechetCellFilter`` coordinates and convergence test; needs a calculator with stress, e.g.
 emt, and structures periodic in 3-D); the final structures then carry the relaxed cell and
-the stress (eV/Å³).
+the stress (eV/Å³). ``--cell-mask xx,yy,zz,yz,xz,xy`` (six 1/0 values, ASE's ``mask``) keeps the
+cell components marked 0, e.g. ``--cell-mask 0,0,1,0,0,0`` relaxes only the c axis.
 
 ``<name>`` is the zero-padded frame index. An interrupted run keeps every finished
 structure; rerunning the same command skips them (a structure counts as finished only if
@@ -38,7 +39,7 @@ import numpy as np
 from eqv2_calc.calcspec import BUILTIN_CALCULATORS, CalculatorSpec, parse_calculator_spec
 from eqv2_calc.errors import InputError, RelaxationError
 from eqv2_calc.io import atomic_write, atomic_write_text
-from eqv2_calc.relax.cell import CellFilter
+from eqv2_calc.relax.cell import VOIGT_COMPONENTS, CellFilter, cell_mask_voigt, normalize_cell_mask
 from eqv2_calc.relax.io import result_atoms_for_output, write_is2re, write_is2rs
 from eqv2_calc.relax.lbfgs import CURVATURE_GUARDS, LBFGSParams
 from eqv2_calc.relax.runner import DEFAULT_MAX_FORCE, RelaxResult, RelaxStats, relax_batch
@@ -47,6 +48,7 @@ from eqv2_calc.resume import check_or_record, structure_fingerprint
 SETTINGS_KEYS: tuple[str, ...] = (
     "potential", "dtype", "fmax", "steps", "maxstep", "memory", "damping", "alpha", "curvature_guard",
     "fix_tag0", "max_force", "relax_cell", "hydrostatic_strain", "constant_volume", "scalar_pressure",
+    "cell_mask",
 )
 """The settings that determine the results, recorded in ``run.json`` (allow-list, see
 :mod:`eqv2_calc.resume`); ``potential`` stands for ``--checkpoint``/``--calculator``, ``dtype``
@@ -64,6 +66,7 @@ frames themselves are matched one by one by :func:`~eqv2_calc.resume.structure_f
 
 _LEGACY_SETTINGS = {  # run.json files written before these were recorded
     "dtype": None, "relax_cell": False, "hydrostatic_strain": False, "constant_volume": False, "scalar_pressure": 0.0,
+    "cell_mask": None,
 }
 
 
@@ -106,6 +109,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--scalar-pressure", type=float, default=0.0,
                    help="with --relax-cell: external pressure in eV/Å³ (1 GPa = 0.00624 eV/Å³); "
                         "E + pV is minimized (default 0)")
+    p.add_argument("--cell-mask", default=None, metavar="XX,YY,ZZ,YZ,XZ,XY",
+                   help="with --relax-cell: which cell components relax, six 1/0 values in Voigt order "
+                        "(ASE FrechetCellFilter mask; 0 = keep), e.g. 1,1,1,0,0,0 (no shear) or 0,0,1,0,0,0 "
+                        "(c axis only); default: all relax")
     p.add_argument("--save-every", type=int, default=0,
                    help="also keep every n-th frame in the trajectories (default 0: initial+final)")
     p.add_argument("--device", default=None, help="torch device for --checkpoint (default: cuda if available, else cpu)")
@@ -152,9 +159,27 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "curvature_guard": args.curvature_guard, "fix_tag0": bool(args.fix_tag0),
         "max_force": args.max_force, "relax_cell": bool(args.relax_cell),
         "hydrostatic_strain": bool(args.hydrostatic_strain), "constant_volume": bool(args.constant_volume),
-        "scalar_pressure": float(args.scalar_pressure),
+        "scalar_pressure": float(args.scalar_pressure), "cell_mask": _cell_mask(args),
     }
     return {k: values[k] for k in SETTINGS_KEYS}
+
+
+_MASK_WORDS = {"1": True, "0": False, "true": True, "false": False}
+
+
+def _cell_mask(args: argparse.Namespace) -> list[bool] | None:
+    """``--cell-mask`` as 6 Voigt booleans, None if absent or nothing is kept (the recorded
+    setting: a mask of only 1s is the same relaxation as none)."""
+    if args.cell_mask is None:
+        return None
+    words = [w.strip().lower() for w in str(args.cell_mask).split(",")]
+    if len(words) != 6 or any(w not in _MASK_WORDS for w in words):
+        raise InputError(
+            f"--cell-mask {args.cell_mask!r}: expected six comma-separated 1/0 values for "
+            f"{','.join(VOIGT_COMPONENTS)} (1 = relax, 0 = keep), e.g. 1,1,1,0,0,0"
+        )
+    mask = normalize_cell_mask([_MASK_WORDS[w] for w in words])
+    return None if mask is None else cell_mask_voigt(mask)
 
 
 def _cell_filter(args: argparse.Namespace) -> CellFilter | None:
@@ -163,12 +188,13 @@ def _cell_filter(args: argparse.Namespace) -> CellFilter | None:
     if not args.relax_cell:
         given = [flag for flag, on in (("--hydrostatic-strain", args.hydrostatic_strain),
                                        ("--constant-volume", args.constant_volume),
-                                       ("--scalar-pressure", args.scalar_pressure != 0.0)) if on]
+                                       ("--scalar-pressure", args.scalar_pressure != 0.0),
+                                       ("--cell-mask", args.cell_mask is not None)) if on]
         if given:
             raise InputError(f"{', '.join(given)} only apply to a cell relaxation: add --relax-cell")
         return None
     return CellFilter(hydrostatic_strain=args.hydrostatic_strain, constant_volume=args.constant_volume,
-                      scalar_pressure=args.scalar_pressure)
+                      scalar_pressure=args.scalar_pressure, mask=_cell_mask(args))
 
 
 def _check_run_file(out: Path, settings: dict[str, Any], input_path: str) -> None:

@@ -425,7 +425,7 @@ class BatchRelaxer:
         # count <= iteration - 1 before this step's update; lets the two-loop skip empty slots
         state.max_count = min(state.history_size, max(0, max(t.nsteps for t in self._active) - 1))
         if isinstance(state, CellLBFGSState):
-            cell_lbfgs_step(state, self.params)
+            cell_lbfgs_step(state, self.params, self.cell_filter)
         else:
             lbfgs_step(state, self.params)
         for t in self._active:

@@ -46,7 +46,7 @@ evaluates the potential and stores the results with :func:`lbfgs_set_results`. E
 kept out of the step so that the runner can evaluate freshly inserted systems (at their
 initial positions) together with the continuing ones in one potential call.
 
-Minimal loop (the runner in :mod:`eqv2_calc.relax.runner` adds in-flight refill, failure
+Minimal loop (the engine in :mod:`eqv2_calc.relax.engine` adds in-flight refill, failure
 handling and outputs)::
 
     state = lbfgs_init(pos, numbers, natoms, cell, pbc, free, history_size=100)

@@ -102,7 +102,9 @@ def relax_batch(
         applies to the generalized forces (atoms and cell rows), ``maxstep`` to their rows.
         Options (ASE names, only with ``cell_filter``): ``exp_cell_factor`` (default: atoms
         per structure), ``hydrostatic_strain=False``, ``constant_volume=False``,
-        ``scalar_pressure=0.0`` (eV/Å³); or pass a
+        ``scalar_pressure=0.0`` (eV/Å³), ``cell_mask=None`` (ASE's ``mask``: 6 Voigt
+        components ``(xx, yy, zz, yz, xz, xy)`` or a symmetric 3×3 array, True/1 = relax,
+        False/0 = keep that cell component; the same mask for every structure); or pass a
         :class:`~eqv2_calc.relax.cell.CellFilter`.
     **optimizer_options:
         L-BFGS options with ASE names and defaults: ``maxstep=0.2`` (Å), ``memory=100``,
@@ -126,6 +128,8 @@ def relax_batch(
             raise InputError(f"{sorted(cell_options)} only apply to a cell relaxation: pass cell_filter='frechet'")
         if isinstance(cell_filter, CellFilter):
             raise InputError(f"pass {sorted(cell_options)} inside the CellFilter, not next to it")
+        if "cell_mask" in cell_options:  # CellFilter's name is ASE's: mask
+            cell_options["mask"] = cell_options.pop("cell_mask")
         cell_filter = CellFilter(kind=cell_filter, **cell_options)  # type: ignore[arg-type]
     relaxer = BatchRelaxer(
         potential, fmax=fmax, steps=steps, params=LBFGSParams(**optimizer_options),
