@@ -37,3 +37,18 @@ class PoisonEMT(EMT):
         if atoms is not None and 79 in atoms.numbers:
             os._exit(1)
         super().calculate(atoms, *args, **kwargs)
+
+
+class SlowEMT(EMT):
+    """EMT that sleeps ``delay`` seconds per calculation (same numbers): keeps a run going long
+    enough for a test to kill something mid-run."""
+
+    def __init__(self, delay: float, **kwargs):
+        super().__init__(**kwargs)
+        self.delay = delay
+
+    def calculate(self, *args, **kwargs):
+        import time
+
+        time.sleep(self.delay)
+        super().calculate(*args, **kwargs)

@@ -31,6 +31,7 @@ from adsorbml.store import RunStore  # noqa: E402
 
 HERE = Path(__file__).parent
 N = 8  # random placements
+SLOW = 'ray_helpers:SlowEMT{"delay": 0.01}'  # EMT's numbers, ~10 s per run: time to kill something mid-run
 LOOPBACK_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # keep every address on 127.0.0.1 (no rewrite to the routable IP)
     "RAY_USAGE_STATS_ENABLED": "0",
@@ -153,7 +154,7 @@ def test_worker_node_killed_mid_run(cluster, slab, reference, tmp_path):
     out = tmp_path / "ray"
     status: list[int] = []
     run = threading.Thread(target=lambda: status.append(
-        main(_argv(slab, out, "--ray", cluster.address, "--actors", "2", "--prefetch", "2"))))
+        main(_argv(slab, out, "--ray", cluster.address, "--actors", "2", "--prefetch", "2", ml=SLOW))))
     run.start()
     seen = _wait_for_rows(out / "adsorbml.db", 1, run.is_alive)
     assert 1 <= seen < N, f"the node was to be killed mid-run, but {seen}/{N} were done"
@@ -170,7 +171,7 @@ def test_driver_kill9_then_resume(cluster, slab, reference, tmp_path):
     out = tmp_path / "ray"
     env = dict(os.environ, **LOOPBACK_ENV)
     proc = subprocess.Popen([sys.executable, "-m", "adsorbml.cli",
-                             *_argv(slab, out, "--ray", cluster.address, "--actors", "2", "--prefetch", "2")],
+                             *_argv(slab, out, "--ray", cluster.address, "--actors", "2", "--prefetch", "2", ml=SLOW)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     seen = _wait_for_rows(out / "adsorbml.db", 2, lambda: proc.poll() is None, timeout=120)
     proc.send_signal(signal.SIGKILL)
@@ -178,7 +179,7 @@ def test_driver_kill9_then_resume(cluster, slab, reference, tmp_path):
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
     assert 2 <= seen < N, f"the driver was to be killed mid-run, but {seen}/{N} were done"
     before = RunStore(out, create=False).done("ml")
-    assert main(_argv(slab, out, "--ray", cluster.address)) == 0  # resume on Ray
+    assert main(_argv(slab, out, "--ray", cluster.address, ml=SLOW)) == 0  # resume on Ray
     _assert_same(out, reference)
     store = RunStore(out, create=False)
     assert {(r.system_id, r.config_id) for r in store.rows("ml") if r.run_id == 1} == before

@@ -43,6 +43,9 @@ REASON_WORKER_LOST = "worker_lost"
 """``RelaxResult.reason`` of a structure given up after ``max_attempts`` actor deaths."""
 
 _NOT_ON_ACTORS = ("trajectory_dir", "on_result", "progress")
+_NEVER_STARTED = (". No actor ever started: see the worker logs (<ray temp dir>/session_latest/logs); common causes "
+                  "are eqv2-calc missing or of another version on the worker nodes, or a RAY_AUTH_MODE that differs "
+                  "from the cluster's")
 
 
 @dataclass
@@ -55,6 +58,7 @@ class RayRunStats:
     duplicates_ignored: int = 0
     given_up: int = 0
     wall_time: float = 0.0
+    startup_time: float = math.nan  # s until the first actor had its calculator loaded
     actor_info: list[dict] = field(default_factory=list)
 
 
@@ -135,6 +139,7 @@ def relax_on_ray(
         for _ in range(n_actors):
             spawn()
         last_alive = time.monotonic()
+        last_error = ""
 
         def deliver(key: int, r: Any) -> None:
             r.index = key
@@ -152,10 +157,12 @@ def relax_on_ray(
                             stats.actor_info.append(ray.get(s.ready_ref))
                         except ray.exceptions.RayTaskError as exc:  # the calculator did not build
                             raise exc.as_instanceof_cause() from None
-                        except ray.exceptions.RayError:
-                            s.state = "dead"
+                        except ray.exceptions.RayError as exc:  # died while starting
+                            events.put(("died", sid, exc))
                             continue
                         s.state = "ready"
+                        if math.isnan(stats.startup_time):
+                            stats.startup_time = time.perf_counter() - t0
                         threading.Thread(target=_consume, args=(ray, sid, s.handle, events), daemon=True).start()
                     if s.state == "ready":
                         room = options.prefetch - ledger.outstanding(sid)
@@ -164,9 +171,10 @@ def relax_on_ray(
                             s.handle.submit.remote([(k, atoms_list[k]) for k in keys])
                 if any(s.state == "ready" for s in slots):
                     last_alive = time.monotonic()
-                elif not any(s.state == "starting" for s in slots):
-                    raise RuntimeError(f"every Ray actor died and no replacement is left ({stats.actor_deaths} deaths); "
-                                       f"{len(ledger.done)} of {len(atoms_list)} structures finished")
+                elif not any(s.state == "starting" for s in slots) and events.empty():
+                    raise RuntimeError(f"every Ray actor died and no replacement is left ({stats.actor_deaths} deaths; "
+                                       f"last: {last_error}); {len(ledger.done)} of {len(atoms_list)} structures "
+                                       "finished" + ("" if stats.actor_info else _NEVER_STARTED))
                 elif time.monotonic() - last_alive > options.start_timeout:
                     raise RuntimeError(
                         f"no Ray actor came up within {options.start_timeout:.0f} s; each asks for "
@@ -183,6 +191,7 @@ def relax_on_ray(
                 elif kind == "died" and slots[sid].state != "dead":
                     slots[sid].state = "dead"
                     stats.actor_deaths += 1
+                    last_error = f"{type(payload).__name__}: {str(payload).splitlines()[0] if str(payload) else ''}"
                     requeued, exhausted = ledger.lose(sid)
                     log(f"Ray actor {sid} died ({type(payload).__name__}); resubmitting {len(requeued)} structures"
                         + (f", giving up {len(exhausted)}" if exhausted else ""))

@@ -117,9 +117,13 @@ def connect(options: RayOptions, *, log=print) -> bool:
         try:
             ray.init(address=address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as e:
+            auth = "" if os.environ.get("RAY_AUTH_MODE") else (
+                " If the cluster uses token authentication (the default of `ray start` in recent Ray), export "
+                "RAY_AUTH_MODE=token with the head's token in ~/.ray/auth_token or RAY_AUTH_TOKEN "
+                "(`ray get-auth-token` on the head prints it).")
             raise InputError(f"cannot connect to Ray at {address!r}: {e}. Start the cluster first "
                              "(ray start --head on the head node, ray start --address HEAD:PORT on the others) "
-                             "or use --ray local") from None
+                             f"or use --ray local.{auth}") from None
     return True
 
 
