@@ -133,3 +133,34 @@ def test_actor_count_from_resources():
     assert RayOptions(gpus_per_actor=1).num_actors({"CPU": 64.0, "GPU": 4.0}) == 4
     assert RayOptions(gpus_per_actor=0.5).num_actors({"GPU": 2.0}) == 4
     assert RayOptions(actors=3).num_actors({"CPU": 1.0}) == 3
+
+
+def test_open_feed_tops_up_the_running_batch():
+    """run_feed admits structures while others are mid-relaxation (the batch never drains
+    between arrivals) and relaxes each exactly as relax_batch does."""
+    from eqv2_calc.relax import make_relaxer
+
+    structures = []
+    for i in range(6):
+        s = fcc111("Cu", (2, 2, 3), vacuum=5.0)
+        s.rattle(0.08, seed=10 + i)
+        structures.append(s)
+    expected = relax_batch(structures, EMT(), fmax=0.05, steps=60, progress=False)
+    chunks = [structures[:3], [], [], structures[3:]]  # the second half arrives at the 4th poll
+    waits = []
+
+    def feed(wait: bool):
+        waits.append(wait)
+        return chunks.pop(0) if chunks else None  # then closed
+
+    got = {}
+    relaxer = make_relaxer(EMT(), 0.05, 60, progress=False, on_result=lambda r: got.setdefault(r.index, r))
+    stats = relaxer.run_feed(feed)
+    assert waits[:4] == [True, False, False, False]  # it blocked only while it had nothing to run
+    assert sorted(got) == list(range(6))
+    for i, e in enumerate(expected):
+        assert (got[i].energy, got[i].nsteps) == (e.energy, e.nsteps)
+        np.testing.assert_array_equal(got[i].atoms.positions, e.atoms.positions)
+    sequential = max(e.nsteps for e in expected[:3]) + 1 + max(e.nsteps for e in expected[3:]) + 1
+    assert stats.potential_calls < sequential  # the late half joined the running batch
+    assert stats.useful_evaluations == sum(e.nsteps + 1 for e in expected)

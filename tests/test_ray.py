@@ -231,3 +231,29 @@ def test_shipped_model_float32_on_ray_matches_single_process(cluster, slab, tmp_
     print(f"shipped float32, Ray vs one process: max |dE| = {de:.2e} eV, max |dx| = {dx:.2e} A")
     assert de < 1e-3 and dx < 1e-2
     assert {c: ml_l[c].anomaly for c in ml_l} == {c: ml_r[c].anomaly for c in ml_r}
+
+
+def test_eqv2_relax_on_ray_writes_the_same_files(cluster, tmp_path):
+    """``eqv2 relax --ray``: the same structures, energies and trajectories as in one process."""
+    from ase.io import read
+    from ase.io import write as ase_write
+
+    from eqv2_calc.cli import main as eqv2_main
+
+    frames = tmp_path / "frames.extxyz"
+    ase_write(frames, _structures(5))
+    common = [str(frames), "--calculator", "emt", "--fmax", "0.05", "--steps", "40", "--save-every", "5",
+              "--no-progress"]
+    assert eqv2_main(["relax", *common, "--out", str(tmp_path / "one")]) == 0
+    assert eqv2_main(["relax", *common, "--out", str(tmp_path / "ray"), "--ray", cluster.address,
+                      "--actors", "2", "--prefetch", "1"]) == 0
+    assert (tmp_path / "one" / "is2re.csv").read_text() == (tmp_path / "ray" / "is2re.csv").read_text()
+    for sub in ("structures", "trajectories"):
+        names = sorted(p.name for p in (tmp_path / "one" / sub).iterdir())
+        assert names == sorted(p.name for p in (tmp_path / "ray" / sub).iterdir()) and len(names) == 5
+        for name in names:
+            a, b = read(tmp_path / "one" / sub / name, ":"), read(tmp_path / "ray" / sub / name, ":")
+            assert len(a) == len(b) > 0
+            for x, y in zip(a, b):
+                np.testing.assert_array_equal(x.positions, y.positions)
+                assert x.get_potential_energy() == y.get_potential_energy()

@@ -52,17 +52,18 @@ class CalculatorRecipe:
 
 
 def recipe_for(calc: Any, *, put=None) -> CalculatorRecipe:
-    """The recipe of ``calc`` (an ASE calculator or an ``EquiformerV2Calculator``).
+    """The recipe of ``calc`` (an ASE calculator, an ``EquiformerV2Calculator`` or its potential).
 
     ``put``: stores the checkpoint bytes once (``ray.put``) and returns the reference; without it
     the bytes are embedded. The actors load the file with ``trust_checkpoint=True``: the bytes are
     checked to be those the driver has already unpickled (its own loading applied the safety
     policy the user chose), so this unpickles nothing the driver did not."""
-    from eqv2_calc.calculator import EquiformerV2Calculator
+    from eqv2_calc.potential import EquiformerV2Potential
 
-    if not isinstance(calc, EquiformerV2Calculator):
+    potential = getattr(calc, "potential", calc)  # an EquiformerV2Calculator holds its potential
+    if not isinstance(potential, EquiformerV2Potential):
         return CalculatorRecipe(calculator=calc)
-    meta = calc.potential.meta
+    meta = potential.meta
     if meta is None or not meta.path or not os.path.isfile(meta.path):
         raise CheckpointError("this EquiformerV2Calculator was not loaded from a file: Ray actors need its checkpoint "
                               "file; load it with EquiformerV2Calculator(checkpoint_path=...)")
@@ -71,6 +72,6 @@ def recipe_for(calc: Any, *, put=None) -> CalculatorRecipe:
     sha = hashlib.sha256(data).hexdigest()
     if meta.sha256 != sha:
         raise CheckpointError(f"{meta.path} changed on disk since it was loaded (sha256 differs)")
-    options = {"dtype": str(calc.potential.model.dtype).replace("torch.", ""), "use_ema": meta.weights == "ema",
+    options = {"dtype": str(potential.model.dtype).replace("torch.", ""), "use_ema": meta.weights == "ema",
                "trust_checkpoint": True}
     return CalculatorRecipe(checkpoint=put(data) if put else data, sha256=sha, options=options)

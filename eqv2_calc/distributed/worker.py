@@ -64,30 +64,29 @@ class RelaxWorker:
         """No more jobs: ``results`` ends when the queued ones are done."""
         self._inbox.put(_CLOSE)
 
-    def _take(self) -> list[tuple[Any, Atoms]] | None:
-        """Everything queued (waits for at least one job); None once closed and empty."""
-        first = self._inbox.get()
-        if first is _CLOSE:
-            return None
-        jobs = [first]
+    def _feed(self, wait: bool) -> list[Atoms] | None:
+        """The relaxer's open queue: what arrived (waiting for one job if ``wait``); None once
+        closed and drained. Keys are remembered in arrival order (the relaxer's numbering)."""
+        arrived: list[Atoms] = []
         while True:
             try:
-                job = self._inbox.get_nowait()
+                job = self._inbox.get(block=wait and not arrived)
             except queue.Empty:
-                return jobs
+                return arrived
             if job is _CLOSE:
-                self._inbox.put(_CLOSE)  # seen again by the next take
-                return jobs
-            jobs.append(job)
+                self._inbox.put(_CLOSE)  # seen again by the next call
+                return arrived if arrived else None
+            key, atoms = job
+            self._keys.append(key)
+            arrived.append(atoms)
 
     def _serve(self, out: queue.Queue) -> None:
-        from eqv2_calc.relax import relax_batch
+        from eqv2_calc.relax import make_relaxer
 
+        self._keys: list[Any] = []
         try:
-            while (jobs := self._take()) is not None:
-                keys = [k for k, _ in jobs]
-                relax_batch([a for _, a in jobs], self.calc, on_result=lambda r: out.put((keys[r.index], r)),
-                            **self.options)
+            relaxer = make_relaxer(self.calc, on_result=lambda r: out.put((self._keys[r.index], r)), **self.options)
+            relaxer.run_feed(self._feed)
         except BaseException as exc:  # noqa: BLE001 - handed to the stream, which raises it
             out.put(exc)
         out.put(_CLOSE)

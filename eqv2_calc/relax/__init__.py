@@ -19,10 +19,11 @@ from eqv2_calc.relax.cell import CellFilter, CellLBFGSState, cell_init, cell_lbf
 from eqv2_calc.relax.io import read_is2re, write_is2re, write_is2rs, write_trajectory
 from eqv2_calc.relax.lbfgs import LBFGSParams, LBFGSState, lbfgs_init, lbfgs_set_results, lbfgs_step
 from eqv2_calc.relax.metrics import adwt, distance_within_threshold, energy_mae
-from eqv2_calc.relax.runner import BatchRelaxer, RelaxResult, RelaxStats, relax_batch
+from eqv2_calc.relax.runner import BatchRelaxer, RelaxResult, RelaxStats, make_relaxer, relax_batch
 
 __all__ = [
     "relax_batch",
+    "make_relaxer",
     "RelaxResult",
     "RelaxStats",
     "BatchRelaxer",

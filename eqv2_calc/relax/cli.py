@@ -37,10 +37,11 @@ from typing import Any
 import numpy as np
 
 from eqv2_calc.calcspec import BUILTIN_CALCULATORS, CalculatorSpec, parse_calculator_spec
+from eqv2_calc.distributed.options import add_ray_arguments, options_from_args
 from eqv2_calc.errors import InputError, RelaxationError
 from eqv2_calc.io import atomic_write, atomic_write_text
 from eqv2_calc.relax.cell import VOIGT_COMPONENTS, CellFilter, cell_mask_voigt, normalize_cell_mask
-from eqv2_calc.relax.io import result_atoms_for_output, write_is2re, write_is2rs
+from eqv2_calc.relax.io import result_atoms_for_output, write_is2re, write_is2rs, write_trajectory
 from eqv2_calc.relax.lbfgs import CURVATURE_GUARDS, LBFGSParams
 from eqv2_calc.relax.runner import DEFAULT_MAX_FORCE, RelaxResult, RelaxStats, relax_batch
 from eqv2_calc.resume import check_or_record, structure_fingerprint
@@ -59,7 +60,7 @@ POTENTIAL_ARGS: tuple[str, ...] = ("checkpoint", "calculator")
 
 EXECUTION_ARGS: tuple[str, ...] = (
     "input", "index", "out", "max_atoms", "max_edges", "save_every", "device", "reference", "no_progress",
-    "trust_checkpoint",
+    "trust_checkpoint", "ray", "actors", "cpus_per_actor", "gpus_per_actor", "prefetch",
 )
 """Options that do not change the result of a structure (free to change on resume); the input
 frames themselves are matched one by one by :func:`~eqv2_calc.resume.structure_fingerprint`."""
@@ -125,6 +126,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--reference", default=None,
                    help="reference relaxed structures (same frames, with energies) for IS2RE MAE and ADwT")
     p.add_argument("--no-progress", action="store_true", help="disable the progress bar")
+    add_ray_arguments(p)
     p.set_defaults(func=run_relax)
     return p
 
@@ -246,6 +248,7 @@ def run_relax(args: argparse.Namespace) -> int:
     if args.calculator:
         _calculator_spec(args).load_class()  # unknown names / bad module paths fail before run.json
     cell_filter = _cell_filter(args)
+    ray = options_from_args(args)
     settings = _settings(args)
     LBFGSParams(maxstep=args.maxstep, memory=args.memory, damping=args.damping,
                 alpha=args.alpha, curvature_guard=args.curvature_guard)  # validate early
@@ -276,20 +279,28 @@ def run_relax(args: argparse.Namespace) -> int:
         atoms.info["relax_input_sha"] = prints[i]
         atomic_write(sdir / f"{names[i]}.traj",
                      lambda tmp: ase.io.write(tmp, atoms, format="traj"), suffix=".traj")
+        if ray is not None:  # on Ray the trajectories come back with the results and are written here
+            write_trajectory(tdir / f"{names[i]}.traj", result.trajectory)
         done[i] = result
 
     stats = RelaxStats()
+    ray_stats = None
     if todo:
         potential = _make_potential(args)
+        options = dict(fmax=args.fmax, steps=args.steps, max_atoms=args.max_atoms, max_edges=args.max_edges,
+                       fix_tag0=args.fix_tag0, max_force=args.max_force, save_every=args.save_every,
+                       progress=not args.no_progress, on_result=save, maxstep=args.maxstep, memory=args.memory,
+                       damping=args.damping, alpha=args.alpha, curvature_guard=args.curvature_guard,
+                       cell_filter=cell_filter)
         try:
-            relax_batch(
-                [frames[i] for i in todo], potential, fmax=args.fmax, steps=args.steps,
-                names=[names[i] for i in todo], max_atoms=args.max_atoms, max_edges=args.max_edges,
-                fix_tag0=args.fix_tag0, max_force=args.max_force, trajectory_dir=tdir,
-                save_every=args.save_every, progress=not args.no_progress, on_result=save,
-                stats=stats, maxstep=args.maxstep, memory=args.memory, damping=args.damping,
-                alpha=args.alpha, curvature_guard=args.curvature_guard, cell_filter=cell_filter,
-            )
+            if ray is None:
+                relax_batch([frames[i] for i in todo], potential, names=[names[i] for i in todo], trajectory_dir=tdir,
+                            stats=stats, **options)
+            else:
+                from eqv2_calc.distributed import relax_on_ray
+
+                tdir.mkdir(exist_ok=True)
+                _, ray_stats = relax_on_ray([frames[i] for i in todo], potential, ray, **options)
         except KeyboardInterrupt:
             print(f"\neqv2 relax: interrupted; {len(done)} of {len(frames)} structures are finished "
                   f"and kept in {sdir}; rerun the same command to resume", file=sys.stderr)
@@ -313,6 +324,8 @@ def run_relax(args: argparse.Namespace) -> int:
             "wall_time_s": stats.wall_time,
         },
     }
+    if ray_stats is not None:  # the per-actor relaxer counters stay on the actors
+        summary["this_run"] = {"ray": {k: v for k, v in vars(ray_stats).items() if k != "actor_info"}}
     if args.reference:
         summary["metrics"] = _metrics(results, args.reference, args.fix_tag0)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))

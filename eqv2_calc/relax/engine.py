@@ -198,34 +198,80 @@ class BatchRelaxer:
     def run(self, atoms_list: Sequence[Atoms], names: Sequence[str] | None = None) -> list[RelaxResult]:
         """Relax ``atoms_list``; return one :class:`RelaxResult` per structure, in input order."""
         names = self._validate(atoms_list, names)
-        self._atoms = list(atoms_list)
-        self._names = names
-        self._free = [free_mask(a, fix_tag0=self.fix_tag0, index=i) for i, a in enumerate(self._atoms)]
-        if self.cell_filter is not None:
-            check_cell_constraints(self._free)
-        self._history = HistoryBuffer(
-            max(1, min(self.params.memory, self.steps)),
-            min(sum(len(a) for a in self._atoms), self.budget.max_atoms or 1 << 62),
-            self.device,
-        )
-        self.stats = RelaxStats(n_systems=len(self._atoms), max_atoms=self.budget.max_atoms)
-        order = range(len(self._atoms))
-        if self.sort_by_size:
-            order = sorted(order, key=lambda i: -len(self._atoms[i]))
-        self._queue: deque[_Track] = deque(_Track(index=i, natoms=len(self._atoms[i])) for i in order)
+        self._start(min(sum(len(a) for a in atoms_list), self.budget.max_atoms or 1 << 62))
+        self._admit(list(atoms_list), names)
+        self._loop(None, total=len(atoms_list))
+        results = self._results
+        assert all(r is not None for r in results)  # every structure is retired exactly once
+        return results  # type: ignore[return-value]
+
+    def run_feed(self, feed: Callable[[bool], Sequence[Atoms] | None]) -> RelaxStats:
+        """Relax structures as they arrive, on an open queue: the batch is topped up from ``feed``
+        at every refill, so it never drains while more work is coming.
+
+        ``feed(wait)`` returns the structures that arrived since the last call (possibly none),
+        or None once no more will come; with ``wait=True`` (nothing left to run) it blocks until
+        at least one structure arrives or the feed closes. Structures are numbered in arrival
+        order (``RelaxResult.index``) and reported only through ``on_result`` (none are kept)."""
+        self._start(self.budget.max_atoms or DEFAULT_MAX_ATOMS)
+        self._loop(feed, total=None)
+        return self.stats
+
+    def _start(self, history_rows: int) -> None:
+        self._atoms: list[Atoms] = []
+        self._names: list[str] = []
+        self._free: list[np.ndarray] = []
+        self._history = HistoryBuffer(max(1, min(self.params.memory, self.steps)), history_rows, self.device)
+        self.stats = RelaxStats(max_atoms=self.budget.max_atoms)
+        self._queue: deque[_Track] = deque()
         self._active: list[_Track] = []
         self._state: LBFGSState | None = None
-        self._results: list[RelaxResult | None] = [None] * len(self._atoms)
+        self._results: list[RelaxResult | None] = []
+        self._keep_results = True
         self._invalid: dict[int, str] = {}
 
+    def _admit(self, atoms_list: list[Atoms], names: list[str]) -> None:
+        """Append validated structures to the queue (largest first with ``sort_by_size``)."""
+        first = len(self._atoms)
+        free = [free_mask(a, fix_tag0=self.fix_tag0, index=first + i) for i, a in enumerate(atoms_list)]
+        if self.cell_filter is not None:
+            check_cell_constraints(free)
+        self._atoms += atoms_list
+        self._names += names
+        self._free += free
+        self._results += [None] * len(atoms_list)
+        self.stats.n_systems += len(atoms_list)
+        order = range(first, first + len(atoms_list))
+        if self.sort_by_size:
+            order = sorted(order, key=lambda i: -len(self._atoms[i]))
+        self._queue.extend(_Track(index=i, natoms=len(self._atoms[i])) for i in order)
+
+    def _poll(self, feed: Callable[[bool], Sequence[Atoms] | None], wait: bool) -> bool:
+        """Admit what ``feed`` has; False once it is closed."""
+        arrived = feed(wait)
+        if arrived is None:
+            return False
+        if len(arrived):
+            arrived = list(arrived)
+            check_structures(arrived, self.cell_filter)
+            self._admit(arrived, [f"{len(self._atoms) + i:06d}" for i in range(len(arrived))])
+        return True
+
+    def _loop(self, feed: Callable[[bool], Sequence[Atoms] | None] | None, total: int | None) -> None:
         from tqdm.auto import tqdm
 
+        if feed is not None:
+            self._keep_results = False
+        open_feed = feed is not None
         t0 = time.perf_counter()
-        with tqdm(total=len(self._atoms), desc="relax", unit="sys", disable=not self.progress,
-                  dynamic_ncols=True) as bar:
+        with tqdm(total=total, desc="relax", unit="sys", disable=not self.progress, dynamic_ncols=True) as bar:
             while True:
+                if open_feed:
+                    open_feed = self._poll(feed, wait=not self._active and not self._queue)
                 self._refill()
                 if not self._active:
+                    if open_feed or self._queue:
+                        continue
                     break
                 if not self._evaluate():
                     continue  # out of memory: budget shrunk, retry
@@ -237,9 +283,6 @@ class BatchRelaxer:
                 bar.set_postfix(calls_per_s=f"{self.stats.useful_evaluations / max(elapsed, 1e-9):.1f}",
                                 batch=len(self._active), refresh=False)
         self.stats.wall_time = time.perf_counter() - t0
-        results = self._results
-        assert all(r is not None for r in results)  # every structure is retired exactly once
-        return results  # type: ignore[return-value]
 
     def _edges(self, track: _Track) -> int:
         if self._count_edges and track.edges == 0 and track.suspended is None:
@@ -410,7 +453,10 @@ class BatchRelaxer:
             fmax=fmax, nsteps=nsteps, converged=converged, failed=failed, reason=reason,
             initial_energy=track.initial_energy, trajectory=track.frames, stress=stress,
         )
-        self._results[track.index] = result
+        if self._keep_results:
+            self._results[track.index] = result
+        else:  # open feed: reported, not kept
+            self._atoms[track.index] = self._free[track.index] = None  # type: ignore[call-overload]
         self.potential.release(track.index)
         self.stats.converged += int(converged)
         self.stats.failed += int(failed)

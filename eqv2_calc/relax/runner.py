@@ -32,7 +32,7 @@ from eqv2_calc.relax.results import (
 )
 
 __all__ = [
-    "relax_batch", "BatchRelaxer", "RelaxResult", "RelaxStats", "DEFAULT_MAX_FORCE", "OPTIMIZER_OPTIONS",
+    "relax_batch", "make_relaxer", "BatchRelaxer", "RelaxResult", "RelaxStats", "DEFAULT_MAX_FORCE", "OPTIMIZER_OPTIONS",
     "REASON_CONVERGED", "REASON_MAX_STEPS", "REASON_NON_FINITE", "REASON_EXPLODED", "REASON_OOM",
     "REASON_INVALID", "REASON_UNSUPPORTED_ELEMENT",
 ]
@@ -117,6 +117,37 @@ def relax_batch(
     list[RelaxResult]
         One result per input structure, in input order.
     """
+    relaxer = make_relaxer(
+        potential, fmax, steps, max_atoms=max_atoms, max_edges=max_edges, fix_tag0=fix_tag0, max_force=max_force,
+        trajectory_dir=trajectory_dir, save_every=save_every, progress=progress, on_result=on_result,
+        cell_filter=cell_filter, **optimizer_options,
+    )
+    results = relaxer.run(atoms_list, names=names)
+    if stats is not None:
+        for f in stats.__dataclass_fields__:
+            setattr(stats, f, getattr(relaxer.stats, f))
+    return results
+
+
+def make_relaxer(
+    potential: Any,
+    fmax: float = 0.05,
+    steps: int = 300,
+    *,
+    max_atoms: int | None = None,
+    max_edges: int | None = None,
+    fix_tag0: bool = False,
+    max_force: float = DEFAULT_MAX_FORCE,
+    trajectory_dir: str | os.PathLike | None = None,
+    save_every: int = 0,
+    progress: bool = True,
+    on_result: Callable[[RelaxResult], None] | None = None,
+    cell_filter: CellFilter | str | None = None,
+    **optimizer_options: Any,
+) -> BatchRelaxer:
+    """The :class:`BatchRelaxer` that :func:`relax_batch` runs, from the same keyword options
+    (L-BFGS and cell-filter options sorted into their objects); e.g. for
+    :meth:`BatchRelaxer.run_feed` on an open queue."""
     cell_options = {k: optimizer_options.pop(k) for k in CELL_FILTER_OPTIONS if k in optimizer_options}
     unknown = sorted(set(optimizer_options) - set(OPTIMIZER_OPTIONS))
     if unknown:
@@ -137,8 +168,4 @@ def relax_batch(
         save_every=save_every, trajectory_dir=trajectory_dir, progress=progress,
         on_result=on_result, cell_filter=cell_filter,
     )
-    results = relaxer.run(atoms_list, names=names)
-    if stats is not None:
-        for f in stats.__dataclass_fields__:
-            setattr(stats, f, getattr(relaxer.stats, f))
-    return results
+    return relaxer
