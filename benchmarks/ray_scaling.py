@@ -6,7 +6,7 @@ single process, and whether the results are bit-identical. Ray's own start-up (r
 timed separately; actor start-up (importing torch, building the calculator) is inside the
 timed relaxation, as a user sees it.
 
-Usage: python benchmarks/ray_scaling.py [--systems 48] [--steps 300] [--rounds 1]
+Usage: python benchmarks/ray_scaling.py [--systems 96] [--steps 300] [--rounds 1]
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def _same(a, b) -> bool:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--systems", type=int, default=48)
+    ap.add_argument("--systems", type=int, default=96)
     ap.add_argument("--fmax", type=float, default=0.02)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--rounds", type=int, default=1, help="repeat the three measurements, interleaved")
