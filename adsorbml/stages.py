@@ -215,7 +215,8 @@ def _relax_into_store(
     else:
         from eqv2_calc.distributed import relax_on_ray
 
-        _, stats = relax_on_ray(atoms, calc, ctx.ray, progress=progress, on_result=on_result, log=ctx.log, **settings)
+        _, stats = relax_on_ray(atoms, calc, ctx.ray, progress=progress, on_result=on_result, keep_results=False,
+                                log=ctx.log, **settings)
         store.log_event(event="ray", stage=stage, run_id=ctx.run_id, actors=stats.actors_started,
                         nodes=len({a["node"] for a in stats.actor_info}), deaths=stats.actor_deaths,
                         resubmitted=stats.resubmitted, duplicates_ignored=stats.duplicates_ignored,

@@ -96,10 +96,14 @@ def relax_on_ray(
     *,
     on_result: Callable[[Any], None] | None = None,
     progress: bool = True,
+    keep_results: bool = True,
     log: Callable[[str], None] = print,
     **relax_options: Any,
 ) -> tuple[list[Any], RayRunStats]:
     """Relax ``atoms_list`` with ``calc`` on Ray actors; returns (results in input order, stats).
+
+    ``keep_results=False``: results are only handed to ``on_result`` (the returned list is
+    empty), so a long study does not accumulate them on the driver.
 
     ``relax_options`` are those of :func:`eqv2_calc.relax.relax_batch` (``fmax`` eV/Å,
     ``steps``, ``max_atoms``, ``cell_filter``, ...), applied on every actor. ``on_result(r)``
@@ -114,8 +118,7 @@ def relax_on_ray(
     bad = sorted(k for k in relax_options if k in _NOT_ON_ACTORS)
     if bad:
         raise InputError(f"relax_on_ray: {bad} cannot run on the actors; write trajectories from the results instead")
-    atoms_list = list(atoms_list)
-    if not atoms_list:
+    if not len(atoms_list):
         return [], RayRunStats()
     ray = require_ray()
     owned = connect(options, log=log)
@@ -143,7 +146,8 @@ def relax_on_ray(
 
         def deliver(key: int, r: Any) -> None:
             r.index = key
-            results[key] = r
+            if keep_results:
+                results[key] = r
             if on_result is not None:
                 on_result(r)
             bar.update(1)
@@ -211,5 +215,7 @@ def relax_on_ray(
             ray.shutdown()
     stats.resubmitted, stats.duplicates_ignored = ledger.resubmitted, ledger.duplicates
     stats.wall_time = time.perf_counter() - t0
+    if not keep_results:
+        return [], stats
     assert all(r is not None for r in results)
     return results, stats
