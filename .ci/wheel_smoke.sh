@@ -44,8 +44,8 @@ assert not missing, f"wheel lacks {missing}"
 print(f"  {sys.argv[1].rsplit('/', 1)[-1]}: {len(names)} files, shipped model and model card included")
 EOF
 
-step "install the wheel (+ adsorbml extra; dependencies from PyPI)"
-"$BIN/python" -m pip install -q "$WHEEL[adsorbml]"
+step "install the wheel (+ adsorbml and ray extras; dependencies from PyPI)"
+"$BIN/python" -m pip install -q "$WHEEL[adsorbml,ray]"
 rm -rf "$WORK/src"  # nothing may come from the source tree
 
 RUN="$WORK/run"
@@ -75,6 +75,25 @@ assert math.isfinite(e) and np.isfinite(f).all() and f.shape == (len(slab), 3)
 print(f"  Cu(111)+O, {len(slab)} atoms: E = {e:.4f} eV, max |F| = {np.abs(f).max():.3f} eV/Å ({path})")
 EOF
 
+step "the shipped model on a Ray actor (checkpoint bytes through the object store), from $RUN"
+RAY_USAGE_STATS_ENABLED=0 "$BIN/python" - <<'EOF'
+import numpy as np
+from ase.build import add_adsorbate, fcc111
+from eqv2_calc import EquiformerV2Calculator
+from eqv2_calc.distributed import RayOptions, relax_on_ray
+from eqv2_calc.relax import relax_batch
+
+slab = fcc111("Cu", size=(2, 2, 3), vacuum=6.0)
+add_adsorbate(slab, "O", 1.5, "fcc")
+calc = EquiformerV2Calculator(device="cpu")
+(one,) = relax_batch([slab], calc, fmax=0.05, steps=5, progress=False)
+(ray_result,), stats = relax_on_ray([slab], calc, RayOptions(address="local", actors=1), fmax=0.05, steps=5,
+                                    progress=False)
+assert stats.actors_started == 1 and stats.actor_deaths == 0
+assert ray_result.nsteps == one.nsteps and abs(ray_result.energy - one.energy) < 1e-5, (ray_result.energy, one.energy)
+print(f"  Ray actor: E = {ray_result.energy:.5f} eV after {ray_result.nsteps} steps (one process {one.energy:.5f} eV)")
+EOF
+
 step "adsorbml demo --placements 1"
 "$BIN/adsorbml" demo --placements 1 --out "$RUN/demo" --quiet | tee "$RUN/demo.log"
 grep -q "ML model: the shipped EquiformerV2 checkpoint (.*site-packages/eqv2_calc/shipped/eqv2-emt-small.pt)" "$RUN/demo.log"
@@ -86,4 +105,4 @@ assert len(results) == 6, sorted(results)  # 3 adsorbates x 2 surfaces
 print(f"  results.json: {len(results)} systems")
 EOF
 
-step "OK: the wheel carries the shipped model; calculator and adsorbml demo ran from outside the repo"
+step "OK: the wheel carries the shipped model; calculator, a Ray actor and adsorbml demo ran from outside the repo"
