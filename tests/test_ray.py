@@ -136,7 +136,7 @@ def test_ray_run_is_bit_identical_to_single_process(cluster, slab, reference, tm
     (pool,) = [e for e in RunStore(out, create=False).events() if e["event"] == "ray" and e["stage"] == "ml"]
     assert (pool["actors"], pool["nodes"], pool["deaths"]) == (2, 2, 0)
     # resuming the Ray run in one process finds nothing to do (execution settings are not in the fingerprint)
-    assert main(_argv(slab, out)) == 0
+    assert main(_argv(slab, out, ml=SLOW)) == 0
     assert [e for e in RunStore(out, create=False).events() if e.get("run_id") == 2 and e["event"] == "start"] == []
 
 
