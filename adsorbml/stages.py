@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +53,7 @@ __all__ = [
     "System",
     "build_slabs",
     "ground_truth_level",
+    "iter_systems",
     "ml_level",
     "stage_placements",
     "stage_relax",
@@ -139,26 +140,36 @@ def stage_slabs(ctx: RunContext) -> dict[str, SlabRecord]:
     return slabs
 
 
-def stage_placements(ctx: RunContext, slabs: dict[str, SlabRecord]) -> list[System]:
-    """Every slab × adsorbate with its placements (generated once, then read from the store)."""
-    from tqdm.auto import tqdm
-
+def iter_systems(ctx: RunContext, slabs: dict[str, SlabRecord], into: list[System] | None = None
+                 ) -> Iterator[System]:
+    """Every slab × adsorbate with its placements, one system at a time: generated (seeded) and
+    stored in one transaction the first time, read from the store after that. ``into`` collects
+    the systems as they are produced (for a lazy consumer such as the Ray relaxation stage)."""
     cfg, store = ctx.cfg, ctx.store
-    systems: list[System] = []
-    pairs = [(sid, a) for sid in slabs for a in cfg.adsorbates]
-    for slab_id, ads in tqdm(pairs, desc="placements", unit="system", disable=not ctx.progress):
-        name = as_adsorbate(ads).name
-        sid = system_id_for(slab_id, name)
+    pairs = [(slab_id, as_adsorbate(a).name) for slab_id in slabs for a in cfg.adsorbates]
+    ids = [system_id_for(slab_id, name) for slab_id, name in pairs]
+    if len(set(ids)) != len(ids):
+        raise InputError("two systems share an id; use distinct slab ids / adsorbates")
+    for (slab_id, name), sid in zip(pairs, ids):
         if store.count("placement", system_id=sid):
             pl = [placement_from_row(r) for r in store.rows("placement", sid)]
         else:
             pl = generate_placements(slabs[slab_id], name, num_random=cfg.num_random, heuristic=cfg.heuristic,
                                      seed=cfg.seed)
             store.write_many([placement_row(sid, slab_id, name, p, ctx.run_id) for p in pl])
-        systems.append(System(sid, slab_id, name, pl))
-    if len({s.system_id for s in systems}) != len(systems):
-        raise InputError("two systems share an id; use distinct slab ids / adsorbates")
-    return systems
+        system = System(sid, slab_id, name, pl)
+        if into is not None:
+            into.append(system)
+        yield system
+
+
+def stage_placements(ctx: RunContext, slabs: dict[str, SlabRecord]) -> list[System]:
+    """All systems of :func:`iter_systems` at once (with a progress bar)."""
+    from tqdm.auto import tqdm
+
+    total = len(slabs) * len(ctx.cfg.adsorbates)
+    return list(tqdm(iter_systems(ctx, slabs), total=total, desc="placements", unit="system",
+                     disable=not ctx.progress))
 
 
 @dataclass(frozen=True)
@@ -186,76 +197,96 @@ def _energy(r: Any) -> float | None:
     return e if math.isfinite(e) else None
 
 
+Item = tuple[str, str, Atoms]  # (system_id, config_id, structure)
+
+
 def _relax_into_store(
-    ctx: RunContext, stage: str, items: list[tuple[str, str, Atoms]], calc: Any, level: Level, *,
+    ctx: RunContext, stage: str, groups: Iterable[list[Item]], calc: Any, level: Level, *,
     progress: bool, values: Callable[[str, str, Any], dict],
-) -> float:
-    """Relax ``items`` [(system_id, config_id, atoms)] with relax_batch (or on Ray actors),
-    writing each result to ``stage`` (key values from ``values(system_id, config_id, result)``)
-    the moment it arrives, here in the driver: the only writer of the store. Returns the wall
-    time (s)."""
-    if not items:
-        return 0.0
+) -> tuple[int, float]:
+    """Relax the items of ``groups`` with relax_batch (or on Ray actors, drawing the groups lazily
+    as the actors take work), writing each result to ``stage`` (key values from
+    ``values(system_id, config_id, result)``) the moment it arrives, here in the driver: the only
+    writer of the store. A ``start`` event is logged per group as it is taken. Returns (items
+    relaxed, wall time s)."""
     store = ctx.store
-    store.log_event(event="start", stage=stage, run_id=ctx.run_id, items=[[s, c] for s, c, _ in items])
+    seen: list[Item] = []
+
+    def structures() -> Iterator[Atoms]:
+        for group in groups:
+            store.log_event(event="start", stage=stage, run_id=ctx.run_id, items=[[s, c] for s, c, _ in group])
+            for item in group:
+                seen.append(item)
+                yield item[2]
 
     def on_result(r: Any) -> None:
-        sid, cid, _ = items[r.index]
+        sid, cid, _ = seen[r.index]
         kvp = dict(relaxation_values(r, ctx.run_id), **values(sid, cid, r))
         _, written = store.write(stage, sid, cid, r.atoms, kvp, {"initial_energy": float(r.initial_energy)})
         store.log_event(event="finish", stage=stage, run_id=ctx.run_id, system_id=sid, config_id=cid, written=written)
 
     t0 = time.perf_counter()
-    atoms = [a for _, _, a in items]
     settings = dict(fmax=level.fmax, steps=level.steps, max_atoms=ctx.cfg.max_atoms)
     if ctx.ray is None:
         from eqv2_calc.relax import relax_batch
 
-        relax_batch(atoms, calc, progress=progress, on_result=on_result, **settings)
+        atoms = list(structures())
+        if atoms:
+            relax_batch(atoms, calc, progress=progress, on_result=on_result, **settings)
     else:
         from eqv2_calc.distributed import relax_on_ray
 
-        _, stats = relax_on_ray(atoms, calc, ctx.ray, progress=progress, on_result=on_result, keep_results=False,
-                                log=ctx.log, **settings)
-        store.log_event(event="ray", stage=stage, run_id=ctx.run_id, actors=stats.actors_started,
-                        nodes=len({a["node"] for a in stats.actor_info}), deaths=stats.actor_deaths,
-                        resubmitted=stats.resubmitted, duplicates_ignored=stats.duplicates_ignored,
-                        given_up=stats.given_up)
-    return time.perf_counter() - t0
+        _, stats = relax_on_ray(structures(), calc, ctx.ray, progress=progress, on_result=on_result,
+                                keep_results=False, log=ctx.log, **settings)
+        if seen:
+            store.log_event(event="ray", stage=stage, run_id=ctx.run_id, actors=stats.actors_started,
+                            nodes=len({a["node"] for a in stats.actor_info}), deaths=stats.actor_deaths,
+                            resubmitted=stats.resubmitted, duplicates_ignored=stats.duplicates_ignored,
+                            given_up=stats.given_up)
+    return len(seen), time.perf_counter() - t0
 
 
 def stage_relax(
-    ctx: RunContext, calc: Any, level: Level, slabs: dict[str, SlabRecord], systems: Sequence[System],
+    ctx: RunContext, calc: Any, level: Level, slabs: dict[str, SlabRecord], systems: Iterable[System],
 ) -> tuple[int, float]:
     """Relax the clean slabs (``level.slab_stage``), then every placement (``level.stage``) not in
-    the store yet, each with its anomaly verdict. Returns (placements relaxed, their wall time s)."""
+    the store yet, each with its anomaly verdict. ``systems`` may be lazy (:func:`iter_systems`):
+    on Ray, placements are then generated while the actors relax the earlier ones. Returns
+    (placements relaxed, their wall time s)."""
     store = ctx.store
     done = store.done(level.stage)
-    pending = [(s.system_id, p.config_id, p.atoms) for s in systems for p in s.placements
-               if (s.system_id, p.config_id) not in done]
     slab_pending = [(i, "slab", slabs[i].atoms) for i in slabs if store.get(level.slab_stage, i, "slab") is None]
 
     def slab_values(sid: str, cid: str, r: Any) -> dict:
         return {level.energy_key: _energy(r), "energy_ok": _energy(r) is not None}
 
-    _relax_into_store(ctx, level.slab_stage, slab_pending, calc, level, progress=False, values=slab_values)
-    if not pending:
-        return 0, 0.0
+    _relax_into_store(ctx, level.slab_stage, [slab_pending] if slab_pending else [], calc, level, progress=False,
+                      values=slab_values)
     reference = {i: store.get(level.slab_stage, i, "slab").toatoms() for i in slabs}
-    initial = {(s.system_id, p.config_id): p.atoms for s in systems for p in s.placements}
-    slab_of = {s.system_id: s.slab_id for s in systems}
+    initial: dict[tuple[str, str], Atoms] = {}  # the pending placements' starting structures
+    slab_of: dict[str, str] = {}
+
+    def pending() -> Iterator[list[Item]]:
+        for s in systems:
+            slab_of[s.system_id] = s.slab_id
+            group = [(s.system_id, p.config_id, p.atoms) for p in s.placements if (s.system_id, p.config_id) not in done]
+            initial.update(((sid, cid), a) for sid, cid, a in group)
+            if group:
+                yield group
 
     def verdict(sid: str, cid: str, r: Any) -> dict:
         e = _energy(r)
+        start = initial.pop((sid, cid))
         if r.failed or e is None:
             anomaly = f"relaxation_{r.reason}" if r.failed else "relaxation_non_finite"
         else:
-            anomaly = detect_anomalies(initial[(sid, cid)], r.atoms, reference[slab_of[sid]], ctx.cfg.checks).reason
+            anomaly = detect_anomalies(start, r.atoms, reference[slab_of[sid]], ctx.cfg.checks).reason
         return {level.energy_key: e, "anomaly": anomaly}
 
-    ctx.log(f"{level.name}: {len(pending)} to run, {len(done)} already in the store")
-    seconds = _relax_into_store(ctx, level.stage, pending, calc, level, progress=ctx.progress, values=verdict)
-    return len(pending), seconds
+    n, seconds = _relax_into_store(ctx, level.stage, pending(), calc, level, progress=ctx.progress, values=verdict)
+    if n:
+        ctx.log(f"{level.name}: {n} relaxed, {len(done)} were already in the store")
+    return n, seconds if n else 0.0
 
 
 def stage_single_points(

@@ -55,6 +55,7 @@ from adsorbml.records import dft_errors
 from adsorbml.stages import (
     RunContext,
     ground_truth_level,
+    iter_systems,
     ml_level,
     stage_placements,
     stage_relax,
@@ -145,9 +146,13 @@ def run_workflow(
     ctx = RunContext(store, run_id, cfg, progress, log, ray)
 
     slabs = stage_slabs(ctx)
-    systems = stage_placements(ctx, slabs)
+    if ray is None:
+        systems = stage_placements(ctx, slabs)
+        ml_now, ml_seconds = stage_relax(ctx, ml_calc, ml_level(cfg), slabs, systems)
+    else:  # placements are generated while the actors relax the first ones
+        systems = []
+        ml_now, ml_seconds = stage_relax(ctx, ml_calc, ml_level(cfg), slabs, iter_systems(ctx, slabs, into=systems))
     n_placements = sum(len(s.placements) for s in systems)
-    ml_now, ml_seconds = stage_relax(ctx, ml_calc, ml_level(cfg), slabs, systems)
     if ml_now:
         store.update_run(run_id, ml_seconds=ml_seconds, ml_relaxations=ml_now)
     dft_now, stopped = 0, False

@@ -258,3 +258,27 @@ def test_eqv2_relax_on_ray_writes_the_same_files(cluster, tmp_path):
             for x, y in zip(a, b):
                 np.testing.assert_array_equal(x.positions, y.positions)
                 assert x.get_potential_energy() == y.get_potential_energy()
+
+
+def test_a_lazy_source_is_drawn_only_as_actors_have_room(cluster):
+    """Placements are generated while earlier ones relax: with prefetch 1 and 2 actors, at most
+    2 structures (+1 looked ahead) are drawn before the first result arrives."""
+    from ase.calculators.emt import EMT
+
+    from eqv2_calc.distributed import RayOptions, relax_on_ray
+    from eqv2_calc.relax import relax_batch
+
+    structures = _structures(6)
+    log: list[str] = []
+
+    def source():
+        for i, s in enumerate(structures):
+            log.append(f"draw {i}")
+            yield s
+
+    results, _ = relax_on_ray(source(), EMT(), RayOptions(actors=2, prefetch=1), fmax=0.05, steps=30, progress=False,
+                              on_result=lambda r: log.append(f"result {r.index}"))
+    first = next(i for i, e in enumerate(log) if e.startswith("result"))
+    assert sum(e.startswith("draw") for e in log[:first]) <= 3 and sum(e.startswith("draw") for e in log) == 6
+    for r, e in zip(results, relax_batch(structures, EMT(), fmax=0.05, steps=30, progress=False)):
+        assert (r.energy, r.nsteps) == (e.energy, e.nsteps)

@@ -25,7 +25,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,7 +90,7 @@ def _consume(ray: Any, slot_id: int, handle: Any, events: queue.Queue) -> None:
 
 
 def relax_on_ray(
-    atoms_list: Sequence[Atoms],
+    atoms_list: Iterable[Atoms],
     calc: Any,
     options: RayOptions | None = None,
     *,
@@ -105,6 +105,8 @@ def relax_on_ray(
     ``keep_results=False``: results are only handed to ``on_result`` (the returned list is
     empty), so a long study does not accumulate them on the driver.
 
+    ``atoms_list`` may be any iterable, also a lazy one (a generator): structures are taken from
+    it only as the actors have room (``prefetch``), so producing them overlaps with relaxing.
     ``relax_options`` are those of :func:`eqv2_calc.relax.relax_batch` (``fmax`` eV/Å,
     ``steps``, ``max_atoms``, ``cell_filter``, ...), applied on every actor. ``on_result(r)``
     gets each :class:`~eqv2_calc.relax.RelaxResult` (``r.index`` = position in ``atoms_list``)
@@ -118,20 +120,37 @@ def relax_on_ray(
     bad = sorted(k for k in relax_options if k in _NOT_ON_ACTORS)
     if bad:
         raise InputError(f"relax_on_ray: {bad} cannot run on the actors; write trajectories from the results instead")
-    if not len(atoms_list):
+    total = len(atoms_list) if hasattr(atoms_list, "__len__") else None
+    source = iter(atoms_list)
+    waiting: dict[int, Atoms] = {}  # key -> structure, until its result is in
+    ledger = Ledger(0, options.max_attempts)
+
+    def draw(n: int) -> bool:
+        """Move up to ``n`` structures from the source into the ledger; False once it is empty."""
+        for _ in range(n):
+            try:
+                atoms = next(source)
+            except StopIteration:
+                return False
+            waiting[ledger.add()] = atoms
+        return True
+
+    more = draw(1)
+    if not ledger.n:
         return [], RayRunStats()
     ray = require_ray()
     owned = connect(options, log=log)
     t0 = time.perf_counter()
     stats = RayRunStats()
-    results: list[Any] = [None] * len(atoms_list)
-    ledger = Ledger(len(atoms_list), options.max_attempts)
+    results: dict[int, Any] = {}
     events: queue.Queue = queue.Queue()
     slots: list[_Slot] = []
     try:
         recipe = recipe_for(calc, put=ray.put)
         actor = actor_class(options)
-        n_actors = min(options.num_actors(ray.cluster_resources()), len(atoms_list))
+        n_actors = options.num_actors(ray.cluster_resources())
+        if total is not None:
+            n_actors = min(n_actors, total)
         spares = n_actors * options.max_attempts  # replacements allowed over the call
 
         def spawn() -> None:
@@ -146,15 +165,15 @@ def relax_on_ray(
 
         def deliver(key: int, r: Any) -> None:
             r.index = key
+            waiting.pop(key, None)
             if keep_results:
                 results[key] = r
             if on_result is not None:
                 on_result(r)
             bar.update(1)
 
-        with tqdm(total=len(atoms_list), desc="relax (ray)", unit="sys", disable=not progress,
-                  dynamic_ncols=True) as bar:
-            while not ledger.complete:
+        with tqdm(total=total, desc="relax (ray)", unit="sys", disable=not progress, dynamic_ncols=True) as bar:
+            while more or not ledger.complete:
                 for sid, s in enumerate(slots):
                     if s.state == "starting" and ray.wait([s.ready_ref], timeout=0)[0]:
                         try:
@@ -170,14 +189,16 @@ def relax_on_ray(
                         threading.Thread(target=_consume, args=(ray, sid, s.handle, events), daemon=True).start()
                     if s.state == "ready":
                         room = options.prefetch - ledger.outstanding(sid)
+                        if more and room > len(ledger.pending):
+                            more = draw(room - len(ledger.pending))
                         keys = ledger.assign(sid, room) if room > 0 else []
                         if keys:
-                            s.handle.submit.remote([(k, atoms_list[k]) for k in keys])
+                            s.handle.submit.remote([(k, waiting[k]) for k in keys])
                 if any(s.state == "ready" for s in slots):
                     last_alive = time.monotonic()
                 elif not any(s.state == "starting" for s in slots) and events.empty():
                     raise RuntimeError(f"every Ray actor died and no replacement is left ({stats.actor_deaths} deaths; "
-                                       f"last: {last_error}); {len(ledger.done)} of {len(atoms_list)} structures "
+                                       f"last: {last_error}); {len(ledger.done)} of {ledger.n} structures so far "
                                        "finished" + ("" if stats.actor_info else _NEVER_STARTED))
                 elif time.monotonic() - last_alive > options.start_timeout:
                     raise RuntimeError(
@@ -202,7 +223,7 @@ def relax_on_ray(
                     for key in exhausted:
                         ledger.finish(-1, key)
                         stats.given_up += 1
-                        deliver(key, _lost_result(key, atoms_list[key], ledger.attempts[key]))
+                        deliver(key, _lost_result(key, waiting[key], ledger.attempts[key]))
                     if spares > 0:
                         spares -= 1
                         spawn()
@@ -217,5 +238,5 @@ def relax_on_ray(
     stats.wall_time = time.perf_counter() - t0
     if not keep_results:
         return [], stats
-    assert all(r is not None for r in results)
-    return results, stats
+    assert sorted(results) == list(range(ledger.n))  # every structure exactly once
+    return [results[k] for k in range(ledger.n)], stats

@@ -16,7 +16,8 @@ __all__ = ["Ledger"]
 
 
 class Ledger:
-    """Bookkeeping of ``n`` structures with at most ``max_attempts`` submissions each."""
+    """Bookkeeping of ``n`` structures (more can be :meth:`add`\ ed) with at most
+    ``max_attempts`` submissions each."""
 
     def __init__(self, n: int, max_attempts: int):
         self.pending: deque[int] = deque(range(n))
@@ -32,6 +33,14 @@ class Ledger:
     @property
     def complete(self) -> bool:
         return len(self.done) == self.n
+
+    def add(self) -> int:
+        """A new pending structure (a lazy source produced it); returns its key."""
+        key = self.n
+        self.n += 1
+        self.attempts.append(0)
+        self.pending.append(key)
+        return key
 
     def outstanding(self, slot: int) -> int:
         return len(self.inflight.get(slot, ()))
