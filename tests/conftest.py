@@ -81,3 +81,20 @@ def refvenv_python() -> Path:
         pytest.skip(f"no fairchem reference venv at {venv} (build it with ../shared/reference/setup_refvenv.sh "
                     "or set EQV2_REFVENV)")
     return python
+
+
+def count_ml_rows(db: Path) -> int:
+    """Finished ML relaxations committed to an AdsorbML store, read with plain sqlite (read-only,
+    independent of ase.db, safe while another process writes); 0 before the tables exist."""
+    import sqlite3
+
+    if not db.exists():
+        return 0
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        try:
+            return con.execute("SELECT COUNT(*) FROM text_key_values WHERE key = 'stage' AND value = 'ml'").fetchone()[0]
+        finally:
+            con.close()
+    except sqlite3.OperationalError:  # tables not created yet
+        return 0

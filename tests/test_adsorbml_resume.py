@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -24,24 +23,9 @@ from ase.io import write
 
 from adsorbml.cli import main
 from adsorbml.store import RunStore
+from conftest import count_ml_rows
 
 N = 12  # random placements
-
-
-def _count_ml_rows(db: Path) -> int:
-    """Finished ML relaxations committed to the store (read-only, independent of ase.db)."""
-    if not db.exists():
-        return 0
-    try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-        try:
-            return con.execute(
-                "SELECT COUNT(*) FROM text_key_values WHERE key = 'stage' AND value = 'ml'"
-            ).fetchone()[0]
-        finally:
-            con.close()
-    except sqlite3.OperationalError:  # tables not created yet
-        return 0
 
 
 def _argv(slab: Path, out: Path) -> list[str]:
@@ -69,14 +53,14 @@ def test_kill9_then_resume_matches_uninterrupted_run(tmp_path):
     t0 = time.time()
     n_seen = 0
     while time.time() - t0 < 120 and proc.poll() is None:
-        n_seen = _count_ml_rows(db)
+        n_seen = count_ml_rows(db)
         if n_seen >= 2:
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.01)
     proc.wait(30)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
-    n_before = _count_ml_rows(db)
+    n_before = count_ml_rows(db)
     assert 2 <= n_before < N, f"kill landed at {n_before}/{N} finished relaxations"
     store = RunStore(killed, create=False)
     done_before = store.done("ml")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -27,6 +26,7 @@ pytestmark = pytest.mark.ray
 ray = pytest.importorskip("ray", reason="the ray tests need the [ray] extra (part of make test)")
 
 from adsorbml.cli import main  # noqa: E402
+from conftest import count_ml_rows  # noqa: E402
 from adsorbml.store import RunStore  # noqa: E402
 
 HERE = Path(__file__).parent
@@ -105,27 +105,14 @@ def _assert_same(out: Path, reference: dict) -> None:
     assert set(finishes.values()) == {1}, "a relaxation was written twice"
 
 
-def _count_ml_rows(db: Path) -> int:
-    if not db.exists():
-        return 0
-    try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-        try:
-            return con.execute("SELECT COUNT(*) FROM text_key_values WHERE key = 'stage' AND value = 'ml'").fetchone()[0]
-        finally:
-            con.close()
-    except sqlite3.OperationalError:
-        return 0
-
-
 def _wait_for_rows(db: Path, n: int, alive, timeout: float = 90.0) -> int:
     t0 = time.time()
     while time.time() - t0 < timeout and alive():
-        seen = _count_ml_rows(db)
+        seen = count_ml_rows(db)
         if seen >= n:
             return seen
         time.sleep(0.02)
-    return _count_ml_rows(db)
+    return count_ml_rows(db)
 
 
 def test_ray_run_is_bit_identical_to_single_process(cluster, slab, reference, tmp_path):
