@@ -164,3 +164,11 @@ def test_open_feed_tops_up_the_running_batch():
     sequential = max(e.nsteps for e in expected[:3]) + 1 + max(e.nsteps for e in expected[3:]) + 1
     assert stats.potential_calls < sequential  # the late half joined the running batch
     assert stats.useful_evaluations == sum(e.nsteps + 1 for e in expected)
+
+
+@pytest.mark.parametrize("key", ["trajectory_dir", "names", "stats"])
+def test_relax_on_ray_refuses_what_cannot_run_on_actors(key):
+    from eqv2_calc.distributed import relax_on_ray
+
+    with pytest.raises(InputError, match=f"does not take {key}="):
+        relax_on_ray([fcc111("Cu", (1, 1, 3), vacuum=5.0)], EMT(), **{key: None})

@@ -42,7 +42,11 @@ __all__ = ["RayRunStats", "relax_on_ray", "REASON_WORKER_LOST"]
 REASON_WORKER_LOST = "worker_lost"
 """``RelaxResult.reason`` of a structure given up after ``max_attempts`` actor deaths."""
 
-_NOT_ON_ACTORS = ("trajectory_dir", "on_result", "progress")
+_NOT_ON_ACTORS = {
+    "trajectory_dir": "the actors' files would stay on their nodes: write RelaxResult.trajectory from on_result",
+    "names": "results are matched by position in atoms_list (RelaxResult.index)",
+    "stats": "the relaxer's counters stay on the actors; relax_on_ray returns RayRunStats",
+}
 _NEVER_STARTED = (". No actor ever started: see the worker logs (<ray temp dir>/session_latest/logs); common causes "
                   "are eqv2-calc missing or of another version on the worker nodes, or a RAY_AUTH_MODE that differs "
                   "from the cluster's")
@@ -117,9 +121,8 @@ def relax_on_ray(
     from tqdm.auto import tqdm
 
     options = options or RayOptions()
-    bad = sorted(k for k in relax_options if k in _NOT_ON_ACTORS)
-    if bad:
-        raise InputError(f"relax_on_ray: {bad} cannot run on the actors; write trajectories from the results instead")
+    for key in sorted(set(relax_options) & set(_NOT_ON_ACTORS)):
+        raise InputError(f"relax_on_ray does not take {key}=: {_NOT_ON_ACTORS[key]}")
     total = len(atoms_list) if hasattr(atoms_list, "__len__") else None
     source = iter(atoms_list)
     waiting: dict[int, Atoms] = {}  # key -> structure, until its result is in

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import logging
 import sys
@@ -46,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from make_hydra_fixtures import _sha256  # the same file hash as the hydra fixtures
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "tests" / "data"
@@ -154,14 +154,6 @@ def evaluate(path: Path, structures: dict) -> dict:
                          "seconds": round(dt, 3)}
         print(f"  {name}: {len(atoms)} atoms, E = {energies[0]:.6f} eV, {dt:.2f} s", flush=True)
     return results
-
-
-def _sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def main(argv=None) -> int:
