@@ -166,42 +166,57 @@ DEMO_SURFACES = ("Pt:111", "Cu:100")
 DEMO_ADSORBATES = ("*CO", "*O", "*OH")
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _demo_models(args: argparse.Namespace) -> tuple[str, str]:
+    """(ML spec, label) of the demo: --ml-calculator, else the shipped model of the mode, or a
+    clear error if this installation lacks it (never a silent stand-in)."""
     from adsorbml.errors import InputError
-    from adsorbml.workflow import RunConfig, SlabSpec, run_workflow
     from eqv2_calc.checkpoint import registry
     from eqv2_calc.errors import CheckpointError
 
     if args.ml_calculator:
-        ml = args.ml_calculator
-    else:  # the shipped model, or a clear error: never a silent stand-in
-        try:
-            shipped = registry.shipped_checkpoint()
-        except CheckpointError as e:
-            raise InputError(
-                f"the demo runs the shipped EquiformerV2 model, which is missing: {e}\n"
-                "  (--ml-calculator emt runs the demo with EMT standing in for the ML model: a plumbing "
-                "check only, ML and 'DFT' then agree by construction)"
-            ) from None
-        ml = "shipped"
-        print(f"ML model: the shipped EquiformerV2 checkpoint ({shipped})")
-    label = {"shipped": "eqv2-emt-small"}.get(ml, Path(ml).stem.replace(":", "_"))
+        return args.ml_calculator, Path(args.ml_calculator).stem.replace(":", "_")
+    variant = "emt" if args.toy else "7net"
+    try:
+        shipped = registry.shipped_checkpoint(variant)
+    except CheckpointError as e:
+        raise InputError(
+            f"the demo runs the shipped EquiformerV2 model, which is missing: {e}\n"
+            "  (--ml-calculator emt runs the demo with EMT standing in for the ML model: a plumbing "
+            "check only, ML and 'DFT' then agree by construction)"
+        ) from None
+    print(f"ML model: the shipped EquiformerV2 checkpoint ({shipped})")
+    return ("shipped" if args.toy else "shipped-7net"), Path(shipped).stem
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from adsorbml.workflow import RunConfig, SlabSpec, run_workflow
+
+    if not args.toy:
+        from eqv2_calc.train.teacher import make_teacher
+
+        make_teacher()  # the teacher is installed, or a message with the install command
+    ml, label = _demo_models(args)
     base = Path(args.out or "adsorbml-demo")
     out = base / label if (args.out is None or args.per_model) else base
-    cfg = RunConfig(
-        slabs=[SlabSpec.parse(s) for s in DEMO_SURFACES], adsorbates=list(DEMO_ADSORBATES),
-        num_random=args.placements, heuristic=True, seed=0, k=args.k, ml_calculator=ml, dft_calculator="emt",
-        ground_truth=True,
-    )
+    common = dict(slabs=[SlabSpec.parse(s) for s in DEMO_SURFACES], adsorbates=list(DEMO_ADSORBATES),
+                  num_random=args.placements, heuristic=True, seed=0, k=args.k, ml_calculator=ml)
+    if args.toy:
+        cfg = RunConfig(**common, dft_calculator="emt", ground_truth=True)
+        what = "'DFT' = EMT single points, ground truth = EMT relaxations of every placement"
+    else:
+        cfg = RunConfig(**common, dft_calculator="sevennet", references="dft", ground_truth=False)
+        what = ("'DFT' = single points of the SevenNet teacher (7net-l3i5, a universal potential, not DFT) on the "
+                "top k; gas references H2, H2O, CO, N2 relaxed with the teacher (OC20 referencing)")
     ml_calc = _trusted_ml_calculator(args, ml)
     print(f"systems: {', '.join(DEMO_ADSORBATES)} on {', '.join(DEMO_SURFACES)} (pymatgen slabs, OC20 settings); "
-          f"'DFT' = EMT single points, ground truth = EMT relaxations of every placement\noutput: {out}")
+          f"{what}\noutput: {out}")
     s = run_workflow(cfg, out, ml_calculator=ml_calc, progress=not args.quiet)
     _print_summary(s, s.table)
     if s.dft_errors:
         return 1
-    print(f"\nscore it again with: adsorbml metrics --targets {out}/targets.json --results {out}/results.json "
-          f"--compute {out}/compute.json")
+    if args.toy:
+        print(f"\nscore it again with: adsorbml metrics --targets {out}/targets.json --results {out}/results.json "
+              f"--compute {out}/compute.json")
     return 0
 
 
@@ -265,12 +280,16 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--no-plots", action="store_true", help="skip the PNG per system")
     im.set_defaults(func=_import)
 
-    d = sub.add_parser("demo", help="*CO, *O, *OH on Pt(111) and Cu(100) with the shipped model; EMT as DFT")
+    d = sub.add_parser("demo", help="E_ads of *CO, *O, *OH on Pt(111) and Cu(100): the shipped distilled model, "
+                                    "SevenNet single points on the top k (--toy: EMT model and EMT as DFT)")
     d.add_argument("--out", help="output directory (default adsorbml-demo/<model>)")
     d.add_argument("--per-model", action="store_true", help="put the run in <out>/<model>")
     d.add_argument("--placements", type=int, default=4, help="random placements per system (default 4)")
     d.add_argument("--k", type=int, default=5, help="DFT single points per system (default 5)")
     d.add_argument("--ml-calculator", help="override the ML model (default: the shipped model; e.g. emt)")
+    d.add_argument("--toy", action="store_true",
+                   help="the plumbing demo without the teacher: the EMT-trained shipped model, EMT as 'DFT' and "
+                        "EMT ground-truth relaxations of every placement (success/speedup metrics)")
     d.add_argument("--trust-checkpoint", action="store_true", help=_TRUST_HELP)
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=_demo)

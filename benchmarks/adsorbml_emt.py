@@ -67,6 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.systems <= len(SYSTEMS):
         p.error(f"--systems must be in 1..{len(SYSTEMS)}")
 
+    return run_benchmark(args, SYSTEMS[: args.systems], dft="emt", dft_label="EMT")
+
+
+def run_benchmark(args: argparse.Namespace, systems, dft: str, dft_label: str) -> int:
+    """The benchmark over ``systems`` [(metal, hkl, adsorbate)] with DFT calculator spec ``dft``
+    (args: placements, no_heuristic, seed, k, ml_calculator, out, quiet)."""
     from adsorbml.formats import write_compute, write_results, write_targets
     from adsorbml.metrics import format_table, metrics_table
     from adsorbml.store import RunStore
@@ -76,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     ml_calc = make_ml_calculator(args.ml_calculator)
     label = args.ml_calculator
     out = Path(args.out) / Path(label).stem.replace(":", "_")
-    print(f"ML model: {label}   'DFT': EMT   systems: {args.systems}   random placements/system: {args.placements}"
+    print(f"ML model: {label}   'DFT': {dft_label}   systems: {len(systems)}   random placements/system: {args.placements}"
           f"{'' if args.no_heuristic else ' + heuristic sites'}   output: {out}", flush=True)
 
     targets: dict = {}
@@ -88,14 +94,14 @@ def main(argv: list[str] | None = None) -> int:
     ml_force_calls = 0
     answers = []
     t0 = time.perf_counter()
-    for i, (metal, hkl, ads) in enumerate(SYSTEMS[: args.systems]):
+    for i, (metal, hkl, ads) in enumerate(systems):
         cfg = RunConfig(
             slabs=[SlabSpec.parse(f"{metal}:{hkl}")], adsorbates=[ads], num_random=args.placements,
             heuristic=not args.no_heuristic, seed=args.seed, k=args.k, ml_calculator=label,
-            dft_calculator="emt", ground_truth=True,
+            dft_calculator=dft, ground_truth=True,
         )
         sdir = out / f"{metal}{hkl}_{ads.lstrip('*')}"
-        print(f"[{i + 1}/{args.systems}] {ads} on {metal}({hkl})", flush=True)
+        print(f"[{i + 1}/{len(systems)}] {ads} on {metal}({hkl})", flush=True)
         s = run_workflow(cfg, sdir, ml_calculator=ml_calc, progress=not args.quiet, log=lambda m: None)
         (sid,) = s.systems
         answers += s.answers
@@ -124,15 +130,15 @@ def main(argv: list[str] | None = None) -> int:
     gt_calls = sum(v["ionic"] for c in compute.values() for cid, v in c.items() if cid != "surface")
     n_conf = sum(len(c) - ("surface" in c) for c in compute.values())
     lines = [
-        f"AdsorbML-style benchmark, EMT as DFT; ML model = {label}; {len(targets)} scored systems, "
-        f"{n_conf} placements (ground truth: {gt_calls} EMT force calls; ML: {ml_force_calls} model force calls, "
+        f"AdsorbML-style benchmark, {dft_label} as DFT; ML model = {label}; {len(targets)} scored systems, "
+        f"{n_conf} placements (ground truth: {gt_calls} {dft_label} force calls; ML: {ml_force_calls} model force calls, "
         f"{ml_seconds:.0f} s over {ml_relaxations} relaxations run in this and earlier invocations)",
         "",
         "Energies: adsorption energies (eV).",
         "",
         table,
         "",
-        "Lowest adsorption energy per system (ML-relaxed placements, EMT single points):",
+        f"Lowest adsorption energy per system (ML-relaxed placements, {dft_label} single points):",
         "",
         format_answers(answers),
     ]

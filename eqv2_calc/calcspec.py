@@ -4,10 +4,12 @@
 Accepted strings (case-insensitive names, surrounding spaces ignored)::
 
     emt | lj | morse              built-in ASE calculators (no external programs)
+    sevennet                      the SevenNet teacher (needs eqv2-calc[teacher])
     module:Class                  any importable ASE calculator class, e.g. tblite.ase:TBLite
     NAME{"key": value, ...}       either of the above with constructor keyword arguments
                                   (a JSON object), e.g. lj{"sigma": 2.3}
     shipped                       the EquiformerV2 model shipped with the package   (ML only)
+    shipped-7net | shipped-emt    a named shipped model (7net: distilled from SevenNet) (ML only)
     path/to/checkpoint.pt         an EquiformerV2 checkpoint file                     (ML only)
     EquiformerV2-31M-S2EF-...     an official checkpoint name (downloaded)            (ML only)
     none                          no calculator                                       (DFT only)
@@ -38,11 +40,15 @@ BUILTIN_CALCULATORS: dict[str, str] = {
     "emt": "ase.calculators.emt:EMT",
     "lj": "ase.calculators.lj:LennardJones",
     "morse": "ase.calculators.morse:MorsePotential",
+    "sevennet": "eqv2_calc.train.teacher:SevenNet",
 }
-"""Short name → ``module:Class`` of the built-in ASE calculators (no external programs)."""
+"""Short name → ``module:Class`` of the built-in ASE calculators (no external programs;
+``sevennet`` is the teacher of the shipped model and needs the ``[teacher]`` extra)."""
 
 SHIPPED_NAMES: tuple[str, ...] = ("shipped", "default")
-"""Names of the EquiformerV2 model shipped with the package."""
+"""Names of the (default) EquiformerV2 model shipped with the package."""
+SHIPPED_VARIANT_NAMES: dict[str, str] = {"shipped-emt": "emt", "shipped-7net": "7net"}
+"""Spec names of each shipped model (see :data:`eqv2_calc.checkpoint.registry.SHIPPED_MODELS`)."""
 
 KINDS: tuple[str, ...] = ("ase", "eqv2", "none")
 """``ase``: an ASE calculator class (built-in name or ``module:Class``); ``eqv2``: an
@@ -136,6 +142,11 @@ class CalculatorSpec:
 
         if self.target == "shipped":
             return EquiformerV2Calculator(**eqv2_options)
+        if self.target in SHIPPED_VARIANT_NAMES:
+            from eqv2_calc.checkpoint.registry import shipped_checkpoint
+
+            path = shipped_checkpoint(SHIPPED_VARIANT_NAMES[self.target])
+            return EquiformerV2Calculator(checkpoint_path=str(path), **eqv2_options)
         if os.path.isfile(self.target):
             return EquiformerV2Calculator(checkpoint_path=self.target, **eqv2_options)
         return EquiformerV2Calculator(model_name=self.target, **eqv2_options)
@@ -144,7 +155,7 @@ class CalculatorSpec:
 def _options(allow: tuple[str, ...]) -> str:
     opts = sorted(BUILTIN_CALCULATORS) if "ase" in allow else []
     if "eqv2" in allow:
-        opts += ["shipped", "an EquiformerV2 checkpoint file", "an official checkpoint name"]
+        opts += ["shipped", *SHIPPED_VARIANT_NAMES, "an EquiformerV2 checkpoint file", "an official checkpoint name"]
     if "none" in allow:
         opts.append("none")
     if "ase" in allow:
@@ -198,10 +209,10 @@ def parse_calculator_spec(
         if "ase" not in allow:
             raise refuse("ase")
         return CalculatorSpec("ase", BUILTIN_CALCULATORS[low], {}, low, text)
-    if low in SHIPPED_NAMES:
+    if low in SHIPPED_NAMES or low in SHIPPED_VARIANT_NAMES:
         if "eqv2" not in allow:
             raise refuse("eqv2")
-        return CalculatorSpec("eqv2", "shipped", {}, "", text)
+        return CalculatorSpec("eqv2", "shipped" if low in SHIPPED_NAMES else low, {}, "", text)
     if os.path.isfile(s):  # a checkpoint file, before any other reading of the string
         if "eqv2" not in allow:
             raise refuse("eqv2")

@@ -157,19 +157,19 @@ def test_demo_without_the_shipped_model_is_an_error_not_an_emt_fallback(tmp_path
         seen["cfg"], seen["out"] = cfg, out
         return RunSummary(tmp_path, 1, [], 0, 0, 0, 0, 0, 0.0)
 
-    def missing():
+    def missing(variant="emt"):
         raise CheckpointError("the shipped model eqv2-emt-small.pt is not part of this installation")
 
     monkeypatch.setattr(wf, "run_workflow", fake_run)
     monkeypatch.chdir(tmp_path)
     real = registry.shipped_checkpoint
     monkeypatch.setattr(registry, "shipped_checkpoint", missing)
-    assert main(["demo", "--quiet"]) == 2
+    assert main(["demo", "--quiet", "--toy"]) == 2
     err = capsys.readouterr().err
     assert "eqv2-emt-small.pt" in err and "--ml-calculator emt" in err
     assert not seen  # nothing ran
 
-    assert main(["demo", "--quiet", "--ml-calculator", "emt"]) == 0  # explicit request only
+    assert main(["demo", "--quiet", "--toy", "--ml-calculator", "emt"]) == 0  # explicit request only
     cfg = seen["cfg"]
     assert cfg.ml_calculator == "emt" and cfg.dft_calculator == "emt" and cfg.ground_truth
     assert [s.to_dict() for s in cfg.slabs] == [{"bulk": "Pt", "miller": [1, 1, 1], "max_slabs": 1},
@@ -178,6 +178,6 @@ def test_demo_without_the_shipped_model_is_an_error_not_an_emt_fallback(tmp_path
     assert str(seen["out"]).endswith("adsorbml-demo/emt")
 
     monkeypatch.setattr(registry, "shipped_checkpoint", real)
-    assert main(["demo", "--quiet"]) == 0
+    assert main(["demo", "--quiet", "--toy"]) == 0
     assert seen["cfg"].ml_calculator == "shipped" and str(seen["out"]).endswith("adsorbml-demo/eqv2-emt-small")
     assert f"shipped EquiformerV2 checkpoint ({real()})" in capsys.readouterr().out

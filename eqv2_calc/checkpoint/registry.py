@@ -20,7 +20,11 @@ SHIPPED_PACKAGE = "eqv2_calc.shipped"
 """The package holding the shipped model: the repository's ``checkpoints/`` folder, installed as
 ``eqv2_calc/shipped/`` (``[tool.setuptools.package-dir]`` in pyproject.toml)."""
 SHIPPED_MODEL = "eqv2-emt-small.pt"
-"""File name of the shipped model (model card: ``checkpoints/README.md``, installed next to it)."""
+"""File name of the default shipped model (model card: ``checkpoints/README.md``, installed next to it)."""
+SHIPPED_MODELS: dict[str, str] = {"emt": SHIPPED_MODEL, "7net": "eqv2-7net-small.pt"}
+"""Shipped models by variant: ``emt`` (trained on EMT: toy chemistry, the default and the model of
+the tests) and ``7net`` (distilled from the SevenNet universal potential; model card
+``checkpoints/eqv2-7net-small.md``)."""
 
 _OC20 = "https://dl.fbaipublicfiles.com/opencatalystproject/models"
 _OMAT24 = "https://huggingface.co/facebook/OMAT24/resolve/main"  # hub repo facebook/OMAT24 (gated)
@@ -99,8 +103,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("EQV2_CACHE", Path.home() / ".cache" / "eqv2-calc"))
 
 
-def shipped_checkpoint() -> Path:
-    """The model shipped with the package (``eqv2-emt-small.pt``, see its model card README.md).
+def shipped_checkpoint(variant: str = "emt") -> Path:
+    """A model shipped with the package: ``variant`` of :data:`SHIPPED_MODELS` (default
+    ``eqv2-emt-small.pt``, see its model card README.md).
 
     Found with :mod:`importlib.resources` in the installed package (wheel, ``pip install .`` or
     an editable install, which maps the package to the repository's ``checkpoints/``). Raises
@@ -108,14 +113,17 @@ def shipped_checkpoint() -> Path:
     """
     from importlib.resources import files
 
+    if variant not in SHIPPED_MODELS:
+        raise CheckpointError(f"unknown shipped model {variant!r}; the shipped models are {sorted(SHIPPED_MODELS)}")
+    name = SHIPPED_MODELS[variant]
     try:
-        res = files(SHIPPED_PACKAGE) / SHIPPED_MODEL
+        res = files(SHIPPED_PACKAGE) / name
         found = res.is_file()
     except (ModuleNotFoundError, TypeError):  # package not installed / not on a file system
         found = False
     if not found:
         raise CheckpointError(
-            f"the shipped model {SHIPPED_MODEL} is not part of this installation of eqv2-calc "
+            f"the shipped model {name} is not part of this installation of eqv2-calc "
             f"(looked for it as package data of {SHIPPED_PACKAGE}). Reinstall the package "
             "(`pip install eqv2-calc-*.whl`, `pip install .`, or `pip install -e .` in a checkout), "
             "or pass checkpoint_path=... or model_name=... (e.g. 'EquiformerV2-31M-S2EF-OC20-All+MD')"

@@ -1,0 +1,140 @@
+"""Evaluate a model distilled from the SevenNet teacher on the held-out systems of the
+distillation data (``python -m eqv2_calc.train.distill_data``), side by side with the EMT-trained
+model it replaces.
+
+Through the public inference path (predict_batch / relax_batch), for each ``--checkpoint``:
+
+1. held-out **initial placements** (``test_initial.extxyz``: AdsorbML starts and rattled
+   copies of systems never seen in training) and held-out **relaxation paths**
+   (``test_paths.extxyz``): energy MAE (eV/atom), force MAE over free-atom Cartesian
+   components (eV/Å, OC20 ``forces_mae``), split into free slab atoms and adsorbate atoms;
+2. relaxation agreement: each held-out start of ``relaxations.extxyz`` is relaxed with the
+   model (batched L-BFGS, fmax 0.05 eV/Å, ≤ 300 steps), the teacher is evaluated at the result
+   and compared with the teacher's own relaxation of the same start: the fraction within 0.1 eV;
+3. forward time on a 40-atom slab (``emt_model_eval.forward_time``).
+
+    python benchmarks/distill_eval.py [--checkpoint A.pt B.pt] [--data runs/distill-data] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from ase.io import read
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from emt_model_eval import forward_time  # noqa: E402
+
+from eqv2_calc import EquiformerV2Calculator  # noqa: E402
+from eqv2_calc.relax import relax_batch  # noqa: E402
+from eqv2_calc.relax.constraints import fixed_atoms  # noqa: E402
+from eqv2_calc.train.teacher import make_teacher  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGETS = {  # issue 13: held-out initial placements / paths, relaxation agreement
+    "initial": {"free_slab_force_mae": None, "free_force_mae": 0.08, "adsorbate_force_mae": 0.2, "energy_mae_per_atom": 0.01},
+    "paths": {"free_force_mae": 0.05, "energy_mae_per_atom": 0.005},
+    "relax_within_0.1eV": 0.85,
+}
+
+
+def frame_errors(calc: EquiformerV2Calculator, path: Path) -> dict[str, float]:
+    """Energy (eV/atom) and force (eV/Å, per Cartesian component) MAEs on the frames in ``path``."""
+    frames = read(path, index=":")
+    preds = calc.predict_batch(frames, max_atoms=600)
+    e_atom, sums = [], {"free": [0.0, 0], "slab": [0.0, 0], "ads": [0.0, 0]}
+    worst = 0.0
+    for a, p in zip(frames, preds):
+        e_atom.append(abs(p["energy"] - a.get_potential_energy()) / len(a))
+        free = ~fixed_atoms(a)
+        ads = a.get_tags() == 2
+        df = np.abs(p["forces"] - a.calc.results["forces"])
+        worst = max(worst, float(np.linalg.norm(p["forces"] - a.calc.results["forces"], axis=1)[free].max()))
+        for key, m in (("free", free), ("slab", free & ~ads), ("ads", ads)):
+            sums[key][0] += float(df[m].sum())
+            sums[key][1] += 3 * int(m.sum())
+    mae = {k: (s / n if n else float("nan")) for k, (s, n) in sums.items()}
+    return {"frames": len(frames), "energy_mae_per_atom": float(np.mean(e_atom)), "free_force_mae": mae["free"],
+            "free_slab_force_mae": mae["slab"], "adsorbate_force_mae": mae["ads"], "max_force_error": worst}
+
+
+def relax_agreement(calc: EquiformerV2Calculator, teacher, path: Path, fmax: float, steps: int) -> dict:
+    starts = [a for a in read(path, index=":") if a.info.get("split") == "test"]
+    t = time.perf_counter()
+    results = relax_batch(starts, calc, fmax=fmax, steps=steps, progress=False)
+    seconds = time.perf_counter() - t
+    rows = []
+    for a, r in zip(starts, results):
+        e_teacher = float("inf")
+        if not r.failed:
+            at = r.atoms.copy()
+            at.calc = teacher
+            e_teacher = float(at.get_potential_energy())
+        rows.append({"system": a.info["system"], "delta": e_teacher - float(a.info["teacher_relaxed_energy"]),
+                     "teacher_converged": bool(a.info["teacher_converged"]), "ml_converged": bool(r.converged),
+                     "ml_steps": int(r.nsteps), "failed": r.reason if r.failed else ""})
+    delta = np.array([r["delta"] for r in rows])
+    conv = np.array([r["teacher_converged"] for r in rows])
+    return {"systems": len(rows), "within_0.1eV": float(np.mean(np.abs(delta) <= 0.1)),
+            "within_0.1eV_or_lower": float(np.mean(delta <= 0.1)),
+            "within_0.1eV_teacher_converged": float(np.mean(np.abs(delta[conv]) <= 0.1)) if conv.any() else None,
+            "teacher_converged": int(conv.sum()), "median_abs_delta": float(np.median(np.abs(delta))),
+            "seconds_ml": round(seconds, 1), "worst": sorted(rows, key=lambda r: -abs(r["delta"]))[:5]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", nargs="+", default=[str(ROOT / "checkpoints" / "eqv2-7net-small.pt"),
+                                                        str(ROOT / "checkpoints" / "eqv2-emt-small.pt")])
+    p.add_argument("--data", default=str(ROOT / "runs" / "distill-data"))
+    p.add_argument("--fmax", type=float, default=0.05)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--skip-relax", action="store_true")
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = Path(args.data)
+    if not (data / "test_initial.extxyz").is_file():
+        raise SystemExit(f"no distillation data in {data}; run: python -m eqv2_calc.train.distill_data {data}")
+    manifest = json.loads((data / "manifest.json").read_text())
+    teacher = make_teacher(manifest["options"]["teacher"])
+    out = {"data": str(data), "teacher": manifest["options"]["teacher"], "models": {}}
+    for ckpt in args.checkpoint:
+        calc = EquiformerV2Calculator(checkpoint_path=ckpt, device="cpu")
+        m = {"sha256": calc.metadata["sha256"], "parameters": calc.metadata["num_parameters"],
+             "forward_40_atoms": forward_time(calc, 10),
+             "initial": frame_errors(calc, data / "test_initial.extxyz"),
+             "paths": frame_errors(calc, data / "test_paths.extxyz"),
+             "val": frame_errors(calc, data / "val.extxyz")}
+        if not args.skip_relax:
+            m["relax"] = relax_agreement(calc, teacher, data / "relaxations.extxyz", args.fmax, args.steps)
+        out["models"][Path(ckpt).name] = m
+    print(json.dumps(out, indent=1, default=float))
+    names = list(out["models"])
+    print(f"\nheld-out systems vs teacher {out['teacher']} | " + " | ".join(names) + " | target")
+    print("|---" * (len(names) + 2) + "|")
+    for part in ("initial", "paths"):
+        for key in ("free_force_mae", "free_slab_force_mae", "adsorbate_force_mae", "energy_mae_per_atom"):
+            target = TARGETS[part].get(key)
+            vals = " | ".join(f"{out['models'][n][part][key]:.4f}" for n in names)
+            print(f"| {part}: {key} | {vals} | {'≤ ' + str(target) if target else ''} |")
+    if not args.skip_relax:
+        vals = " | ".join(f"{out['models'][n]['relax']['within_0.1eV']:.0%} of {out['models'][n]['relax']['systems']}" for n in names)
+        print(f"| relaxed within 0.1 eV of the teacher's relaxation | {vals} | ≥ 85 % |")
+    vals = " | ".join(f"{out['models'][n]['forward_40_atoms']['median_s'] * 1000:.1f} ms" for n in names)
+    print(f"| forward, 40 atoms ({torch.get_num_threads()} threads) | {vals} | ≪ 100 ms on 1 core |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

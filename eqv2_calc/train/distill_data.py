@@ -1,0 +1,398 @@
+"""Distillation data: teacher-labelled frames from the structures AdsorbML actually relaxes.
+
+The teacher (:mod:`eqv2_calc.train.teacher`, SevenNet) labels every frame; the geometries
+come from the product's own pipeline:
+
+* slabs: :func:`adsorbml.inputs.slabs_from_bulk` with the OC20 settings (≥ 8 Å in-plane, 7 Å
+  slab, 20 Å vacuum, subsurface fixed, tags 0/1/2), for every metal of :data:`SURFACES` and its
+  facets (in-plane sizes from 2×3 to 4×3 surface cells, 27–54 metal atoms);
+* placements: :func:`adsorbml.placements.generate_placements` (heuristic + random sites, its
+  orientations and heights), a seeded subset of :data:`ADSORBATES` per surface.
+
+Per (metal, facet, adsorbate) *system*, seeded by its name:
+
+* ``initial``: ``n_initial`` placements as generated (the starting points of AdsorbML, with
+  the largest forces a model meets), and ``n_rattle`` copies rattled by N(0, σ²) on the free
+  atoms (σ = 0.05, 0.1 Å);
+* ``path``: one more placement relaxed by the teacher (ASE LBFGS, fmax ``relax_fmax`` eV/Å,
+  ≤ ``relax_steps`` steps): ``path_frames`` frames spread geometrically over the trajectory
+  (denser at the start, where forces are large; first and last included). The start and the
+  teacher's relaxed energy go to ``relaxations.extxyz`` (for the relax-and-compare benchmark).
+
+Per surface the clean slab (rattled start, teacher-relaxed: path + 2 rattled frames) and, once,
+the gas molecules of the OC20 references and adsorbates (H2, H2O, CO, N2, O2, CH4, NH3 in a
+20 Å box without periodicity, as :meth:`adsorbml.references.GasReferences.computed` relaxes them).
+
+Split **by system** (:func:`eqv2_calc.train.emt_data.split_systems`, seeded hash): val and
+test systems are unseen (metal, facet, adsorbate) combinations. Test frames are written as
+``test_initial.extxyz`` (the held-out initial placements) and ``test_paths.extxyz`` (held-out
+relaxation paths). Clean slabs and molecules go to training.
+
+Resumable: each system is one job written atomically to ``OUT/jobs/<name>.extxyz`` (+ ``.json``)
+as soon as it is labelled; a killed run skips finished jobs. ``OUT/manifest.json`` records the
+options; the assembled split files are rewritten at the end. Deterministic for fixed options
+and teacher (the number of worker processes does not change the output).
+
+Command line::
+
+    python -m eqv2_calc.train.distill_data OUT_DIR [--workers 2] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import multiprocessing
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from ase import Atoms
+from ase.io import read, write
+
+from eqv2_calc.errors import InputError
+from eqv2_calc.io import atomic_write, atomic_write_text, frame_with_results
+from eqv2_calc.relax.constraints import fixed_atoms
+from eqv2_calc.train.emt_data import split_systems
+from eqv2_calc.train.teacher import DEFAULT_TEACHER
+
+SURFACES: dict[str, tuple[tuple[int, int, int], ...]] = {
+    **{m: ((1, 1, 1), (1, 0, 0), (2, 1, 1)) for m in ("Pt", "Pd", "Ni", "Cu", "Ag", "Au", "Rh", "Ir", "Al")},
+    "Ru": ((0, 0, 1), (1, 0, 0), (1, 0, 1)),
+}
+"""Metal → Miller indices of its slabs (fcc bulk from ``ase.build.bulk``; Ru hcp)."""
+
+ADSORBATES: tuple[str, ...] = ("*H", "*O", "*OH", "*CO", "*C", "*N", "*CH3", "*CHO", "*NH2", "*COH")
+"""Adsorbates sampled from (built-in geometries of :mod:`adsorbml.adsorbates`)."""
+
+MOLECULES: tuple[str, ...] = ("H2", "H2O", "CO", "N2", "O2", "CH4", "NH3")
+RATTLE_SIGMAS: tuple[float, ...] = (0.05, 0.1)
+MOLECULE_BOX = 20.0
+
+
+def generation_options(
+    seed: int = 0, teacher: str = DEFAULT_TEACHER, ads_per_surface: int = 5, n_initial: int = 6, n_rattle: int = 3,
+    path_frames: int = 10, relax_fmax: float = 0.05, relax_steps: int = 60, num_random: int = 20,
+) -> dict:
+    """The options that determine a data set (recorded in ``manifest.json``)."""
+    return dict(seed=seed, teacher=teacher, ads_per_surface=ads_per_surface, n_initial=n_initial, n_rattle=n_rattle,
+                path_frames=path_frames, relax_fmax=relax_fmax, relax_steps=relax_steps, num_random=num_random)
+
+
+def _seed(seed: int, *parts: str) -> int:
+    return zlib.crc32(":".join([str(seed), *parts]).encode())
+
+
+def facet_name(miller: Sequence[int]) -> str:
+    return "".join(str(int(x)) for x in miller)
+
+
+def systems(seed: int = 0, ads_per_surface: int = 5) -> list[tuple[str, str, str]]:
+    """(metal, facet, adsorbate) of every adsorbate system: per surface a seeded choice of
+    ``ads_per_surface`` of :data:`ADSORBATES` (fixed order)."""
+    if not 1 <= ads_per_surface <= len(ADSORBATES):
+        raise InputError(f"ads_per_surface must be in 1..{len(ADSORBATES)}, got {ads_per_surface}")
+    out = []
+    for metal, millers in SURFACES.items():
+        for hkl in millers:
+            facet = facet_name(hkl)
+            rng = np.random.default_rng(_seed(seed, metal, facet, "adsorbates"))
+            pick = sorted(rng.choice(len(ADSORBATES), size=ads_per_surface, replace=False))
+            out += [(metal, facet, ADSORBATES[i]) for i in pick]
+    return out
+
+
+def system_name(metal: str, facet: str, adsorbate: str) -> str:
+    return f"{metal}-{facet}-{adsorbate.lstrip('*') or 'clean'}"
+
+
+def build_slab(metal: str, facet: str):
+    """The OC20-style slab record of ``metal`` ``facet`` (first termination)."""
+    from ase.build import bulk
+
+    from adsorbml.inputs import slabs_from_bulk
+
+    hkl = next((h for h in SURFACES.get(metal, ()) if facet_name(h) == facet), None)
+    if hkl is None:
+        raise InputError(f"no surface {metal}({facet}); known: {sorted((m, facet_name(h)) for m, hs in SURFACES.items() for h in hs)}")
+    return slabs_from_bulk(bulk(metal), hkl, max_slabs=1)[0]
+
+
+# --------------------------------------------------------------------------- labelling
+
+_TEACHER: Any = None
+
+
+def _init_worker(teacher: str, threads: int) -> None:
+    global _TEACHER
+    import torch
+
+    from eqv2_calc.train.teacher import make_teacher
+
+    torch.set_num_threads(threads)
+    _TEACHER = make_teacher(teacher)
+
+
+def _label(atoms: Atoms, **info) -> Atoms:
+    a = atoms.copy()
+    a.calc = _TEACHER
+    e = float(a.get_potential_energy())
+    f = a.get_forces(apply_constraint=False)
+    return frame_with_results(atoms, e, f, info=info)
+
+
+def _rattled(atoms: Atoms, sigma: float, rng: np.random.Generator) -> Atoms:
+    a = atoms.copy()
+    free = ~fixed_atoms(a)
+    a.positions[free] += rng.normal(scale=sigma, size=(int(free.sum()), 3))
+    return a
+
+
+def _path_picks(n: int, k: int) -> np.ndarray:
+    """Up to ``k`` indices of ``range(n)``, geometrically spaced (dense at the start), 0 and n−1 included."""
+    if n <= k:
+        return np.arange(n)
+    picks = np.unique(np.round(np.geomspace(1, n, num=k)).astype(int) - 1)
+    return np.unique(np.concatenate([[0], picks, [n - 1]]))
+
+
+def _teacher_relax(atoms: Atoms, fmax: float, steps: int, path_frames: int, **info) -> tuple[list[Atoms], Atoms, bool, int]:
+    """Teacher-relax ``atoms``: (path frames, relaxed frame, converged, steps)."""
+    from ase.optimize import LBFGS
+
+    work = atoms.copy()
+    work.calc = _TEACHER
+    traj: list[tuple[np.ndarray, float, np.ndarray]] = []
+
+    def record() -> None:
+        traj.append((work.get_positions(), float(work.get_potential_energy()), work.get_forces(apply_constraint=False)))
+
+    opt = LBFGS(work, logfile=None, maxstep=0.2)
+    opt.attach(record, interval=1)
+    converged = bool(opt.run(fmax=fmax, steps=steps))
+    frames = []
+    for k in _path_picks(len(traj), path_frames):
+        a = atoms.copy()
+        a.positions = traj[k][0]
+        frames.append(frame_with_results(a, traj[k][1], traj[k][2], info={**info, "kind": "path", "frame": int(k)}))
+    relaxed = atoms.copy()
+    relaxed.positions = traj[-1][0]
+    relaxed = frame_with_results(relaxed, traj[-1][1], traj[-1][2], info=info)
+    return frames, relaxed, converged, opt.nsteps
+
+
+def _system_job(job: dict) -> dict:
+    """Label one system (see module docstring); returns {"frames": [...], "relaxation": Atoms | None, ...}."""
+    from adsorbml.placements import generate_placements
+
+    o = job["options"]
+    metal, facet, ads = job["system"]
+    name = system_name(metal, facet, ads)
+    rng = np.random.default_rng(_seed(o["seed"], name))
+    meta = {"system": name, "metal": metal, "facet": facet, "adsorbate": ads or "clean", "split": job["split"]}
+    t0 = time.perf_counter()
+    slab = build_slab(metal, facet)
+    frames: list[Atoms] = []
+    relaxation = None
+    if not ads:  # the clean slab: a rattled start relaxed by the teacher, plus rattled frames
+        start = _rattled(slab.atoms, 0.05, rng)
+        path, relaxed, conv, n = _teacher_relax(start, o["relax_fmax"], o["relax_steps"], o["path_frames"] // 2, **meta)
+        frames += path
+        frames += [_label(_rattled(relaxed, s, rng), kind="rattle", frame=i, **meta) for i, s in enumerate(RATTLE_SIGMAS)]
+    else:
+        placements = generate_placements(slab, ads, num_random=o["num_random"], heuristic=True,
+                                         seed=_seed(o["seed"], name, "placements") % (2**31))
+        order = rng.permutation(len(placements))
+        chosen = [placements[i] for i in order[: o["n_initial"] + 1]]
+        for i, p in enumerate(chosen[:-1]):
+            frames.append(_label(p.atoms, kind="initial", frame=i, placement=p.config_id, **meta))
+        for i in range(o["n_rattle"]):
+            p = chosen[i % (len(chosen) - 1)]
+            sigma = RATTLE_SIGMAS[i % len(RATTLE_SIGMAS)]
+            frames.append(_label(_rattled(p.atoms, sigma, rng), kind="rattle", frame=i, placement=p.config_id, **meta))
+        p = chosen[-1]
+        path, relaxed, conv, n = _teacher_relax(p.atoms, o["relax_fmax"], o["relax_steps"], o["path_frames"],
+                                                placement=p.config_id, **meta)
+        frames += path
+        relaxation = p.atoms.copy()
+        relaxation.info.update(meta, placement=p.config_id, teacher_relaxed_energy=relaxed.get_potential_energy(),
+                               teacher_converged=conv, teacher_steps=n)
+    return {"name": name, "frames": frames, "relaxation": relaxation, "converged": conv, "steps": n,
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _molecule_job(job: dict) -> dict:
+    from ase.build import molecule
+
+    o = job["options"]
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(_seed(o["seed"], "molecules"))
+    frames = []
+    for m in MOLECULES:
+        atoms = molecule(m)
+        atoms.set_cell([MOLECULE_BOX] * 3)
+        atoms.center()
+        atoms.pbc = False
+        meta = {"system": f"gas-{m}", "metal": "gas", "facet": "gas", "adsorbate": m, "split": "train"}  # no empty strings: extxyz
+        start = _rattled(atoms, 0.05, rng)
+        path, relaxed, _, _ = _teacher_relax(start, 0.01, 200, 4, **meta)
+        frames += path
+        frames += [_label(_rattled(relaxed, s, rng), kind="rattle", frame=i, **meta) for i, s in enumerate(RATTLE_SIGMAS)]
+    return {"name": "gas", "frames": frames, "relaxation": None, "converged": True, "steps": 0,
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _run_job(job: dict) -> dict:
+    return _molecule_job(job) if job["kind"] == "gas" else _system_job(job)
+
+
+def job_list(opts: dict) -> list[dict]:
+    """Every labelling job of ``opts`` in generation order: the gas molecules, the clean slabs,
+    then the adsorbate systems interleaved by a seeded hash (so that a partial run covers every
+    metal and facet)."""
+    ads_systems = systems(opts["seed"], opts["ads_per_surface"])
+    split = split_systems(ads_systems, opts["seed"])
+    which = {s: part for part, ss in split.items() for s in ss}
+    clean = sorted({(m, f, "") for m, f, _ in ads_systems})
+    mixed = sorted(ads_systems, key=lambda s: hashlib.sha256(f"{opts['seed']}:order:{'-'.join(s)}".encode()).hexdigest())
+    jobs = [{"kind": "gas", "options": opts, "system": None, "split": "train"}]
+    jobs += [{"kind": "system", "options": opts, "system": s, "split": "train"} for s in clean]
+    jobs += [{"kind": "system", "options": opts, "system": s, "split": which[s]} for s in mixed]
+    return jobs
+
+
+def _job_name(job: dict) -> str:
+    return "gas" if job["kind"] == "gas" else system_name(*job["system"])
+
+
+def job_names(opts: dict) -> list[str]:
+    return [_job_name(j) for j in job_list(opts)]
+
+
+def _write_job(jobs_dir: Path, res: dict) -> None:
+    name = res["name"]
+    if res["relaxation"] is not None:
+        atomic_write(jobs_dir / f"{name}.relax.extxyz", lambda tmp: write(tmp, res["relaxation"], format="extxyz"))
+    atomic_write(jobs_dir / f"{name}.extxyz", lambda tmp: write(tmp, res["frames"], format="extxyz"))
+    meta = {k: res[k] for k in ("name", "converged", "steps", "seconds")} | {"frames": len(res["frames"])}
+    atomic_write_text(jobs_dir / f"{name}.json", json.dumps(meta))  # last: marks the job finished
+
+
+def generate_distill_dataset(out_dir: str | Path, *, workers: int = 2, threads: int = 1, progress: bool = True,
+                             limit: int | None = None, **options: Any) -> dict:
+    """Label everything (see module docstring) into ``out_dir``; returns the manifest.
+
+    ``workers`` processes with ``threads`` torch threads each; ``limit`` labels only the first
+    that many jobs (for tests and trials; the split files then hold what exists). Finished jobs
+    in ``out_dir/jobs`` are kept; a different set of options in an existing ``manifest.json``
+    is refused (use a new directory)."""
+    from tqdm.auto import tqdm
+
+    opts = generation_options(**options)
+    out = Path(out_dir)
+    jobs_dir = out / "jobs"
+    jobs_dir.mkdir(parents=True, exist_ok=True)
+    mpath = out / "manifest.json"
+    if mpath.is_file():
+        have = json.loads(mpath.read_text()).get("options")
+        if have != opts:
+            raise InputError(f"{out} holds data generated with other options ({have}); use another directory")
+    atomic_write_text(mpath, json.dumps({"options": opts, "complete": False}, indent=1))
+    jobs = job_list(opts)
+    if limit is not None:
+        jobs = jobs[:limit]
+    names = [_job_name(j) for j in jobs]
+    todo = [j for j, n in zip(jobs, names) if not (jobs_dir / f"{n}.json").is_file()]
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=f"teacher {opts['teacher']}", disable=not progress)
+    if todo:
+        if workers > 1:
+            ctx = multiprocessing.get_context("spawn")
+            with ctx.Pool(workers, initializer=_init_worker, initargs=(opts["teacher"], threads)) as pool:
+                for res in pool.imap_unordered(_run_job, todo):
+                    _write_job(jobs_dir, res)
+                    bar.update()
+        else:
+            _init_worker(opts["teacher"], threads)
+            for job in todo:
+                _write_job(jobs_dir, _run_job(job))
+                bar.update()
+    bar.close()
+    return assemble(out, names, opts, time.perf_counter() - t0, limit)
+
+
+def finished_prefix(out_dir: str | Path, **options: Any) -> int:
+    """How many jobs, in generation order, are finished in ``out_dir`` before the first
+    unfinished one (pass it as ``limit`` to assemble a partial run deterministically)."""
+    names = job_names(generation_options(**options))
+    jobs_dir = Path(out_dir) / "jobs"
+    return next((i for i, n in enumerate(names) if not (jobs_dir / f"{n}.json").is_file()), len(names))
+
+
+def assemble(out: Path, names: Sequence[str], opts: dict, seconds: float, limit: int | None = None) -> dict:
+    """Concatenate the finished jobs into the split files and write the manifest."""
+    jobs_dir = out / "jobs"
+    parts: dict[str, list[Atoms]] = {"train": [], "val": [], "test_initial": [], "test_paths": []}
+    relaxations: list[Atoms] = []
+    steps, conv, secs = [], [], 0.0
+    for n in names:
+        if not (jobs_dir / f"{n}.json").is_file():
+            continue
+        meta = json.loads((jobs_dir / f"{n}.json").read_text())
+        secs += meta["seconds"]
+        for f in read(jobs_dir / f"{n}.extxyz", index=":"):
+            part = f.info["split"]
+            if part == "test":
+                part = "test_initial" if f.info["kind"] in ("initial", "rattle") else "test_paths"
+            parts[part].append(f)
+        rpath = jobs_dir / f"{n}.relax.extxyz"
+        for r in read(rpath, index=":") if rpath.is_file() else []:
+            relaxations.append(r)
+            steps.append(r.info["teacher_steps"])
+            conv.append(bool(r.info["teacher_converged"]))
+    for part, frames in parts.items():
+        atomic_write(out / f"{part}.extxyz", lambda tmp, fr=frames: write(tmp, fr, format="extxyz"))
+    atomic_write(out / "relaxations.extxyz", lambda tmp: write(tmp, relaxations, format="extxyz"))
+    by_split: dict[str, list[str]] = {}
+    for r in relaxations:
+        by_split.setdefault(r.info["split"], []).append(r.info["system"])
+    manifest = {
+        "options": opts, "limit": limit, "jobs": len(names),
+        "complete": limit is None and all((jobs_dir / f"{n}.json").is_file() for n in names),
+        "frames": {k: len(v) for k, v in parts.items()},
+        "atoms": {k: int(sum(len(a) for a in v)) for k, v in parts.items()},
+        "systems": by_split,
+        "teacher_relaxations": {"count": len(steps), "converged": int(sum(conv)),
+                                "mean_steps": round(float(np.mean(steps)), 1) if steps else None},
+        "teacher_seconds": round(secs, 1), "wall_seconds": round(seconds, 1),
+        "sha256": {p: hashlib.sha256((out / f"{p}.extxyz").read_bytes()).hexdigest() for p in parts},
+    }
+    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1))
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m eqv2_calc.train.distill_data", description=__doc__.split("\n")[0])
+    p.add_argument("out_dir")
+    p.add_argument("--workers", type=int, default=2, help="labelling processes (output does not depend on it)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--limit", type=int, help="label only the first N jobs (trials)")
+    d = generation_options()
+    for k, v in d.items():
+        p.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
+    p.add_argument("--finished-prefix", action="store_true",
+                   help="label nothing new: assemble the jobs finished before the first unfinished one "
+                        "(the same as --limit N with that N; recorded in manifest.json)")
+    args = p.parse_args(argv)
+    opts = {k: getattr(args, k) for k in d}
+    limit = finished_prefix(args.out_dir, **opts) if args.finished_prefix else args.limit
+    m = generate_distill_dataset(args.out_dir, workers=args.workers, threads=args.threads, limit=limit, **opts)
+    print(json.dumps({k: m[k] for k in ("frames", "teacher_relaxations", "wall_seconds")}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

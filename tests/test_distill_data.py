@@ -1,0 +1,145 @@
+"""The distillation data generator (eqv2_calc.train.distill_data) and the teacher it labels with.
+
+Labelling logic is checked with EMT standing in for the teacher (fast, exact, independent);
+the SevenNet teacher itself is checked once through its calculator spec."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from ase.calculators.emt import EMT
+from ase.io import read
+
+import eqv2_calc.train.distill_data as dd
+from eqv2_calc.errors import InputError
+from eqv2_calc.relax.constraints import fixed_atoms
+from eqv2_calc.train.emt_data import split_systems
+
+
+@pytest.fixture
+def emt_teacher(monkeypatch):
+    """EMT in place of SevenNet, in this process (workers=1)."""
+    calls = []
+
+    def init(teacher, threads):
+        calls.append(teacher)
+        dd._TEACHER = EMT()
+
+    monkeypatch.setattr(dd, "_init_worker", init)
+    init("emt", 1)
+    return calls
+
+
+def _emt(atoms):
+    a = atoms.copy()
+    a.calc = EMT()
+    return a.get_potential_energy(), a.get_forces(apply_constraint=False)
+
+
+def test_systems_cover_every_surface_and_split_by_system():
+    s = dd.systems(0, 5)
+    assert s == dd.systems(0, 5)  # seeded
+    assert len(s) == 5 * sum(len(v) for v in dd.SURFACES.values())
+    assert {m for m, _, _ in s} == set(dd.SURFACES) and {a for _, _, a in s} <= set(dd.ADSORBATES)
+    split = split_systems(s, 0)
+    assert not set(split["test"]) & set(split["train"]) and not set(split["val"]) & set(split["train"])
+    assert sorted(split["test"] + split["val"] + split["train"]) == sorted(s)
+    with pytest.raises(InputError, match="ads_per_surface"):
+        dd.systems(0, 0)
+
+
+def test_job_order_interleaves_metals():
+    names = dd.job_names(dd.generation_options())
+    assert names[0] == "gas" and all(n.endswith("-clean") for n in names[1:31])
+    first = names[31:61]  # the first 30 adsorbate systems already span most metals
+    assert len({n.split("-")[0] for n in first}) >= 7
+
+
+def test_path_picks_are_dense_at_the_start_and_keep_both_ends():
+    p = dd._path_picks(60, 10)
+    assert p[0] == 0 and p[-1] == 59 and len(p) <= 11 and np.all(np.diff(p) > 0)
+    assert np.all(np.diff(p)[:-1] <= np.diff(p)[1:])  # spacing grows
+    assert list(dd._path_picks(5, 10)) == [0, 1, 2, 3, 4]
+
+
+def test_system_job_labels_adsorbml_placements(emt_teacher):
+    from adsorbml.placements import generate_placements
+
+    opts = dd.generation_options(n_initial=3, n_rattle=2, path_frames=5, relax_steps=15, num_random=5)
+    res = dd._run_job({"kind": "system", "options": opts, "system": ("Pt", "111", "*CO"), "split": "test"})
+    kinds = [f.info["kind"] for f in res["frames"]]
+    assert kinds.count("initial") == 3 and kinds.count("rattle") == 2 and 2 <= kinds.count("path") <= 6
+    slab = dd.build_slab("Pt", "111")
+    placements = {p.config_id: p.atoms for p in generate_placements(
+        slab, "*CO", num_random=5, heuristic=True, seed=dd._seed(0, "Pt-111-CO", "placements") % (2**31))}
+    for f in res["frames"]:
+        e, forces = _emt(f)  # labels are the teacher's at exactly this geometry
+        assert f.get_potential_energy() == pytest.approx(e, abs=1e-9)
+        np.testing.assert_allclose(f.calc.results["forces"], forces, atol=1e-9)
+        assert f.info["split"] == "test" and f.info["system"] == "Pt-111-CO"
+        if f.info["kind"] == "initial":  # unmodified AdsorbML starts
+            np.testing.assert_array_equal(f.positions, placements[f.info["placement"]].positions)
+        if f.info["kind"] == "rattle":  # fixed atoms stay put
+            start = placements[f.info["placement"]]
+            fixed = fixed_atoms(start)
+            np.testing.assert_array_equal(f.positions[fixed], start.positions[fixed])
+            assert np.abs(f.positions[~fixed] - start.positions[~fixed]).max() > 0.01
+    relax = res["relaxation"]
+    np.testing.assert_array_equal(relax.positions, placements[relax.info["placement"]].positions)
+    last = [f for f in res["frames"] if f.info["kind"] == "path"][-1]
+    assert relax.info["teacher_relaxed_energy"] == pytest.approx(last.get_potential_energy())
+    assert last.info["frame"] == relax.info["teacher_steps"]  # the trajectory's last frame is the relaxed one
+
+
+def test_generation_resumes_and_is_deterministic(tmp_path, emt_teacher, monkeypatch):
+    labelled = []
+    run_job = dd._run_job
+    monkeypatch.setattr(dd, "_run_job", lambda job: labelled.append(job["kind"]) or run_job(job))
+    opts = dict(path_frames=4, relax_steps=8)
+    m1 = dd.generate_distill_dataset(tmp_path / "a", workers=1, limit=3, progress=False, **opts)
+    assert m1["limit"] == 3 and m1["frames"]["train"] > 0 and not m1["complete"]
+    first = (tmp_path / "a" / "train.extxyz").read_bytes()
+    # kill after one job: delete it, rerun; only that job is labelled again, output identical
+    (tmp_path / "a" / "jobs" / "Ag-111-clean.json").unlink()
+    assert len(labelled) == 3
+    m2 = dd.generate_distill_dataset(tmp_path / "a", workers=1, limit=3, progress=False, **opts)
+    assert len(labelled) == 4
+    assert (tmp_path / "a" / "train.extxyz").read_bytes() == first and m2["sha256"] == m1["sha256"]
+    assert dd.finished_prefix(tmp_path / "a", **opts) == 3
+    gas = read(tmp_path / "a" / "train.extxyz", index=":")
+    mols = {f.info["adsorbate"] for f in gas if f.info["system"].startswith("gas-")}
+    assert mols == set(dd.MOLECULES) and not any(f.pbc.any() for f in gas if f.info["system"].startswith("gas-"))
+    with pytest.raises(InputError, match="other options"):
+        dd.generate_distill_dataset(tmp_path / "a", workers=1, limit=3, progress=False, path_frames=5)
+    assert json.loads((tmp_path / "a" / "manifest.json").read_text())["options"]["path_frames"] == 4
+
+
+def test_teacher_errors_are_clear(monkeypatch):
+    import sys
+
+    from eqv2_calc.train.teacher import make_teacher
+
+    with pytest.raises(InputError, match="7net-0, 7net-l3i5"):
+        make_teacher("7net-mf-ompa")
+    monkeypatch.setitem(sys.modules, "sevenn.calculator", None)
+    with pytest.raises(InputError, match=r"pip install 'eqv2-calc\[teacher\]'"):
+        make_teacher()
+
+
+def test_sevennet_spec_is_the_teacher():
+    from ase.build import molecule
+    from sevenn.calculator import SevenNetCalculator
+
+    from eqv2_calc.calcspec import parse_calculator_spec
+
+    spec = parse_calculator_spec('sevennet{"model": "7net-0"}', allow=("ase",))
+    calc = spec.build()
+    m = molecule("CO")
+    m.center(vacuum=5.0)
+    m.calc = calc
+    e = m.get_potential_energy()
+    ref = m.copy()
+    ref.calc = SevenNetCalculator("7net-0", device="cpu")
+    assert e == pytest.approx(ref.get_potential_energy(), abs=1e-6) and np.isfinite(e)
