@@ -181,3 +181,43 @@ def test_demo_without_the_shipped_model_is_an_error_not_an_emt_fallback(tmp_path
     assert main(["demo", "--quiet", "--toy"]) == 0
     assert seen["cfg"].ml_calculator == "shipped" and str(seen["out"]).endswith("adsorbml-demo/eqv2-emt-small")
     assert f"shipped EquiformerV2 checkpoint ({real()})" in capsys.readouterr().out
+
+
+def test_demo_answers_with_the_distilled_model_and_teacher_single_points(tmp_path, monkeypatch, capsys):
+    """The default demo: shipped-7net relaxes, SevenNet single points on the top k, teacher gas
+    references on both sides, no ground truth; without the teacher a message with the install
+    command (never a silent EMT stand-in)."""
+    import sys
+
+    import adsorbml.workflow as wf
+    from adsorbml.workflow import RunSummary
+    from eqv2_calc.checkpoint import registry
+
+    seen = {}
+
+    def fake_run(cfg, out, **kw):
+        seen["cfg"], seen["out"] = cfg, out
+        return RunSummary(tmp_path, 1, [], 0, 0, 0, 0, 0, 0.0)
+
+    monkeypatch.setattr(wf, "run_workflow", fake_run)
+    monkeypatch.chdir(tmp_path)
+    fake_model = tmp_path / "eqv2-7net-small.pt"
+    fake_model.write_bytes(b"")
+    monkeypatch.setattr(registry, "shipped_checkpoint", lambda variant="emt": fake_model)
+    import eqv2_calc.train.teacher as teacher
+
+    monkeypatch.setattr(teacher, "make_teacher", lambda *a, **k: object())
+    assert main(["demo", "--quiet"]) == 0
+    cfg = seen["cfg"]
+    assert (cfg.ml_calculator, cfg.dft_calculator, cfg.references, cfg.ground_truth) == (
+        "shipped-7net", "sevennet", "dft", False)
+    assert str(seen["out"]).endswith("adsorbml-demo/eqv2-7net-small")
+    assert "SevenNet teacher" in capsys.readouterr().out
+
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(wf, "run_workflow", fake_run)
+    monkeypatch.setitem(sys.modules, "sevenn.calculator", None)
+    seen.clear()
+    assert main(["demo", "--quiet"]) == 2
+    assert "pip install 'eqv2-calc[teacher]'" in capsys.readouterr().err and not seen

@@ -40,7 +40,7 @@ def test_parse_accepted_forms():
 
 
 @pytest.mark.parametrize("spec, allow, match", [
-    ("vasp", DFT, r"unknown calculator 'vasp'; use one of emt, lj, morse, none, module:Class"),
+    ("vasp", DFT, r"unknown calculator 'vasp'; use one of emt, lj, morse, sevennet, none, module:Class"),
     ("nosuchmodel", ML, r"official checkpoint name.*Official checkpoint names: EquiformerV2-153M"),
     ("runs/missing.pt", ML, "checkpoint file not found"),
     ("", DFT, "empty calculator"),
@@ -130,3 +130,23 @@ def test_relax_cli_calculator_specs(tmp_path, capsys):
         assert main(["relax", *base, "--calculator", spec, "--out", str(out)]) == 2
         assert match in capsys.readouterr().err, spec
         assert not (out / "run.json").exists()
+
+
+def test_named_shipped_models(monkeypatch):
+    """shipped-emt / shipped-7net name the files of registry.SHIPPED_MODELS; a missing one is a
+    CheckpointError naming the file, an unknown variant lists the known ones."""
+    from eqv2_calc.checkpoint import registry
+    from eqv2_calc.errors import CheckpointError
+
+    for name, variant in (("shipped-emt", "emt"), ("Shipped-7net", "7net")):
+        spec = parse_calculator_spec(name, allow=ML)
+        assert spec.kind == "eqv2" and spec.target == name.lower()
+    with pytest.raises(CalculatorSpecError, match="not accepted here"):
+        parse_calculator_spec("shipped-7net", allow=DFT)
+    calc = parse_calculator_spec("shipped-emt", allow=ML).build(device="cpu")
+    assert calc.potential.meta.path == str(registry.shipped_checkpoint("emt"))
+    with pytest.raises(CheckpointError, match=r"unknown shipped model 'x'.*\['7net', 'emt'\]"):
+        registry.shipped_checkpoint("x")
+    monkeypatch.setitem(registry.SHIPPED_MODELS, "7net", "not-there.pt")
+    with pytest.raises(CheckpointError, match="not-there.pt is not part of this installation"):
+        parse_calculator_spec("shipped-7net", allow=ML).build(device="cpu")

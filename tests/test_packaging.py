@@ -91,7 +91,7 @@ def test_missing_shipped_model_is_an_error_not_a_fallback(monkeypatch):
     from eqv2_calc.checkpoint import registry
     from eqv2_calc.errors import CheckpointError
 
-    monkeypatch.setattr(registry, "SHIPPED_MODEL", "not-there.pt")
+    monkeypatch.setitem(registry.SHIPPED_MODELS, "emt", "not-there.pt")
     with pytest.raises(CheckpointError, match="not part of this installation"):
         EquiformerV2Calculator()
     assert importlib.resources.files(registry.SHIPPED_PACKAGE).joinpath("eqv2-emt-small.pt").is_file()
