@@ -53,20 +53,25 @@ SYSTEMS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--systems", type=int, default=12, help=f"number of systems, ≤ {len(SYSTEMS)} (default 12)")
-    p.add_argument("--placements", type=int, default=6, help="random placements per system (default 6)")
+def benchmark_parser(doc: str, n_systems: int, systems: int, placements: int, ml: str, out: str, dft: str):
+    """The command line shared by the AdsorbML benchmarks (``n_systems`` available)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--systems", type=int, default=systems, help=f"number of systems, ≤ {n_systems} (default {systems})")
+    p.add_argument("--placements", type=int, default=placements, help=f"random placements per system (default {placements})")
     p.add_argument("--no-heuristic", action="store_true", help="random placements only")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--k", type=int, default=5, help="largest k (EMT single points per system)")
-    p.add_argument("--ml-calculator", default="shipped", help="shipped (default) | emt | checkpoint path | model name")
-    p.add_argument("--out", default="adsorbml-bench", help="output directory (resumable)")
+    p.add_argument("--seed", type=int, default=0, help="placement seed")
+    p.add_argument("--k", type=int, default=5, help=f"largest k ({dft} single points per system)")
+    p.add_argument("--ml-calculator", default=ml, help=f"{ml} (default) | shipped-emt | shipped-7net | emt | checkpoint path")
+    p.add_argument("--out", default=out, help="output directory (resumable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = benchmark_parser(__doc__, len(SYSTEMS), 12, 6, "shipped", "adsorbml-bench", "EMT")
     args = p.parse_args(argv)
     if not 1 <= args.systems <= len(SYSTEMS):
         p.error(f"--systems must be in 1..{len(SYSTEMS)}")
-
     return run_benchmark(args, SYSTEMS[: args.systems], dft="emt", dft_label="EMT")
 
 

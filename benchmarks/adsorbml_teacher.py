@@ -13,12 +13,11 @@ teacher-relaxed gas references), on the **held-out test systems** of the distill
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from adsorbml_emt import run_benchmark  # noqa: E402
+from adsorbml_emt import benchmark_parser, run_benchmark  # noqa: E402
 
 from eqv2_calc.train.distill_data import generation_options, systems  # noqa: E402
 from eqv2_calc.train.emt_data import split_systems  # noqa: E402
@@ -32,15 +31,7 @@ def held_out_systems(seed: int = 0) -> list[tuple[str, str, str]]:
 
 def main(argv: list[str] | None = None) -> int:
     held = held_out_systems()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--systems", type=int, default=10, help=f"number of held-out systems, ≤ {len(held)} (default 10)")
-    p.add_argument("--placements", type=int, default=4, help="random placements per system (default 4)")
-    p.add_argument("--no-heuristic", action="store_true", help="random placements only")
-    p.add_argument("--seed", type=int, default=0, help="placement seed")
-    p.add_argument("--k", type=int, default=5, help="largest k (teacher single points per system)")
-    p.add_argument("--ml-calculator", default="shipped-7net", help="shipped-7net (default) | shipped-emt | checkpoint path")
-    p.add_argument("--out", default="adsorbml-bench-teacher", help="output directory (resumable)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p = benchmark_parser(__doc__, len(held), 10, 4, "shipped-7net", "adsorbml-bench-teacher", "teacher")
     args = p.parse_args(argv)
     if not 1 <= args.systems <= len(held):
         p.error(f"--systems must be in 1..{len(held)}")
