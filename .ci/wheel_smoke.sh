@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Acceptance check of the packaging (issue #9): a wheel built from a clean clone, installed
 # into a fresh venv and used from another directory, runs EquiformerV2Calculator() and
-# `adsorbml demo --placements 1` on the shipped model.
+# `adsorbml demo --placements 1` on the shipped distilled model with the SevenNet teacher.
 #
 #   .ci/wheel_smoke.sh            # or: make wheel-smoke
 #
@@ -39,13 +39,14 @@ WHEEL="$(ls "$WORK"/dist/eqv2_calc-*.whl)"
 "$BIN/python" - "$WHEEL" <<'EOF'
 import sys, zipfile
 names = set(zipfile.ZipFile(sys.argv[1]).namelist())
-missing = {"eqv2_calc/shipped/eqv2-emt-small.pt", "eqv2_calc/shipped/README.md"} - names
+missing = {"eqv2_calc/shipped/eqv2-emt-small.pt", "eqv2_calc/shipped/README.md",
+           "eqv2_calc/shipped/eqv2-7net-small.pt", "eqv2_calc/shipped/eqv2-7net-small.md"} - names
 assert not missing, f"wheel lacks {missing}"
-print(f"  {sys.argv[1].rsplit('/', 1)[-1]}: {len(names)} files, shipped model and model card included")
+print(f"  {sys.argv[1].rsplit('/', 1)[-1]}: {len(names)} files, both shipped models and their cards included")
 EOF
 
-step "install the wheel (+ adsorbml and ray extras; dependencies from PyPI)"
-"$BIN/python" -m pip install -q "$WHEEL[adsorbml,ray]"
+step "install the wheel (+ adsorbml, ray and teacher extras; dependencies from PyPI)"
+"$BIN/python" -m pip install -q "$WHEEL[adsorbml,ray,teacher]"
 rm -rf "$WORK/src"  # nothing may come from the source tree
 
 RUN="$WORK/run"
@@ -94,9 +95,10 @@ assert ray_result.nsteps == one.nsteps and abs(ray_result.energy - one.energy) <
 print(f"  Ray actor: E = {ray_result.energy:.5f} eV after {ray_result.nsteps} steps (one process {one.energy:.5f} eV)")
 EOF
 
-step "adsorbml demo --placements 1"
+step "adsorbml demo --placements 1 (distilled model, SevenNet single points)"
 "$BIN/adsorbml" demo --placements 1 --out "$RUN/demo" --quiet | tee "$RUN/demo.log"
-grep -q "ML model: the shipped EquiformerV2 checkpoint (.*site-packages/eqv2_calc/shipped/eqv2-emt-small.pt)" "$RUN/demo.log"
+grep -q "ML model: the shipped EquiformerV2 checkpoint (.*site-packages/eqv2_calc/shipped/eqv2-7net-small.pt)" "$RUN/demo.log"
+grep -q "lowest adsorption energy per system" "$RUN/demo.log"
 test -s "$RUN/demo/results.json"
 "$BIN/python" - "$RUN/demo" <<'EOF'
 import json, sys

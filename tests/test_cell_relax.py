@@ -788,3 +788,21 @@ def test_cli_cell_mask_and_resume(tmp_path, capsys):
     assert main([*base, *o3, "--cell-mask", "1,1,1,0,0,0"]) == 2
     assert "--cell-mask only apply to a cell relaxation: add --relax-cell" in capsys.readouterr().err
     assert not (tmp_path / "o3").exists()  # refused before anything is written
+
+
+def test_nan_from_the_cell_maths_is_non_finite_not_a_step_limit(monkeypatch):
+    """Finite forces and stress but a NaN cell measure (a degenerate cell makes logm NaN) stop
+    the system as non_finite at once instead of running it to the step limit."""
+    import eqv2_calc.relax.readout as readout
+
+    real, calls = readout.cell_system_fmax, []
+
+    def nan_after_three(state):
+        calls.append(1)
+        out = real(state)
+        return torch.full_like(out, float("nan")) if len(calls) > 3 else out
+
+    monkeypatch.setattr(readout, "cell_system_fmax", nan_after_three)
+    crystals = [a for _, a in bulk_crystals()[:3]]
+    out = relax_batch(crystals, ASEPotential(factory=EMT), fmax=1e-6, steps=200, cell_filter="frechet", progress=False)
+    assert all(r.failed and r.reason == "non_finite" and r.nsteps <= 3 for r in out), [(r.reason, r.nsteps) for r in out]

@@ -39,6 +39,7 @@ def system_status(state: LBFGSState, fmax: float, max_force: float) -> SystemSta
     measure = cell_system_fmax(state) if is_cell else system_fmax(state)
     bad_atom = (~torch.isfinite(state.forces)).any(dim=1).to(torch.float64)
     non_finite = (segment_max(bad_atom, state.system_idx, state.num_systems) > 0) | ~torch.isfinite(state.energy)
+    non_finite = non_finite | ~torch.isfinite(measure)  # e.g. a degenerate cell: NaN from the cell maths
     if is_cell:
         non_finite = non_finite | ~torch.isfinite(state.stress).flatten(1).all(dim=1)
     exploded = ~non_finite & (measure > max_force)
