@@ -143,3 +143,17 @@ def test_sevennet_spec_is_the_teacher():
     ref = m.copy()
     ref.calc = SevenNetCalculator("7net-0", device="cpu")
     assert e == pytest.approx(ref.get_potential_energy(), abs=1e-6) and np.isfinite(e)
+
+
+def test_committed_labels_restore_into_a_data_dir(tmp_path):
+    """The committed archive holds finished jobs of the default options: restoring adds only
+    what is missing, and every restored job is complete (frames + json marker)."""
+    assert dd.LABELS_ARCHIVE.is_file()
+    added = dd.restore_labels(tmp_path)
+    done = sorted(p.stem for p in (tmp_path / "jobs").glob("*.json"))
+    assert added > 0 and "gas" in done
+    assert dd.finished_prefix(tmp_path) >= 100
+    for name in done:
+        meta = json.loads((tmp_path / "jobs" / f"{name}.json").read_text())
+        assert len(read(tmp_path / "jobs" / f"{name}.extxyz", index=":")) == meta["frames"]
+    assert dd.restore_labels(tmp_path) == 0  # nothing missing any more

@@ -7,7 +7,8 @@ One command, seeded end to end, resumable at every stage::
 
 Steps: (1) :func:`eqv2_calc.train.distill_data.generate_distill_dataset` (needs the
 ``[teacher]`` extra; finished jobs are kept, so a killed run continues; ``--limit N`` labels
-only the first N jobs in their fixed, interleaved order), (2) :func:`eqv2_calc.train.loop.train`
+only the first N jobs in their fixed, interleaved order; the jobs labelled so far are committed
+in ``data/`` and restored first, unless ``--relabel``), (2) :func:`eqv2_calc.train.loop.train`
 with :data:`DISTILL_SMALL`, fine-tuning the EMT-trained shipped model (same architecture;
 element references and energy/force scales refitted to the teacher; resumes from
 ``runs/distill-small/resume.pt``), (3) copies its ``final.pt`` (EMA weights) to ``--dest``.
@@ -22,7 +23,7 @@ import shutil
 from pathlib import Path
 
 from eqv2_calc.checkpoint.registry import SHIPPED_MODELS
-from eqv2_calc.train.distill_data import generate_distill_dataset, generation_options
+from eqv2_calc.train.distill_data import LABELS_ARCHIVE, generate_distill_dataset, generation_options, restore_labels
 from eqv2_calc.train.loop import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,8 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2, help="teacher processes for the data")
     p.add_argument("--threads", type=int, default=0, help="torch threads for training (0 = default)")
     p.add_argument("--epochs", type=int, default=DISTILL_SMALL["epochs"])
+    p.add_argument("--relabel", action="store_true", help=f"do not restore the committed labels ({LABELS_ARCHIVE.name})")
     args = p.parse_args(argv)
     data_dir = Path(args.data_dir)
+    if LABELS_ARCHIVE.is_file() and not args.relabel:
+        print(f"restored {restore_labels(data_dir)} labelled files from {LABELS_ARCHIVE.name} (--relabel: label everything anew)")
     manifest = generate_distill_dataset(data_dir, workers=args.workers, limit=args.limit, **generation_options())
     cfg = distill_config(data_dir, Path(args.out_dir), threads=args.threads, epochs=args.epochs)
     result = train(cfg)

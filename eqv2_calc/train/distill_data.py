@@ -281,6 +281,30 @@ def _write_job(jobs_dir: Path, res: dict) -> None:
     atomic_write_text(jobs_dir / f"{name}.json", json.dumps(meta))  # last: marks the job finished
 
 
+LABELS_ARCHIVE = Path(__file__).resolve().parents[2] / "data" / "distill-jobs-7net-l3i5-seed0.tar.xz"
+"""Finished labelling jobs of the default options (:func:`generation_options` with no
+arguments), committed so that a retrain does not repeat ~1 h of teacher time; an archive of
+``jobs/<name>.{extxyz,relax.extxyz,json}`` (in a repository checkout, not in the wheel)."""
+
+
+def restore_labels(out_dir: str | Path, archive: str | Path = LABELS_ARCHIVE) -> int:
+    """Unpack the finished jobs of ``archive`` missing from ``out_dir/jobs``; returns how many
+    files were added. Only for data generated with the archive's (default) options."""
+    import tarfile
+
+    jobs_dir = Path(out_dir) / "jobs"
+    jobs_dir.mkdir(parents=True, exist_ok=True)
+    added = 0
+    with tarfile.open(archive, "r:xz") as tar:
+        for m in tar.getmembers():
+            name = Path(m.name)
+            if not m.isfile() or name.parent != Path("jobs") or (jobs_dir / name.name).exists():
+                continue
+            tar.extract(m, Path(out_dir), filter="data")
+            added += 1
+    return added
+
+
 def generate_distill_dataset(out_dir: str | Path, *, workers: int = 2, threads: int = 1, progress: bool = True,
                              limit: int | None = None, **options: Any) -> dict:
     """Label everything (see module docstring) into ``out_dir``; returns the manifest.
