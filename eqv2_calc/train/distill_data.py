@@ -30,7 +30,9 @@ relaxation paths). Clean slabs and molecules go to training.
 
 Resumable: each system is one job written atomically to ``OUT/jobs/<name>.extxyz`` (+ ``.json``)
 as soon as it is labelled; a killed run skips finished jobs. ``OUT/manifest.json`` records the
-options; the assembled split files are rewritten at the end. Deterministic for fixed options
+options; the assembled split files are rewritten at the end. Stop a run with Ctrl-C or by
+signalling its whole process group (``kill -- -PGID``): a SIGTERM to the parent alone leaves its
+spawned workers labelling on (their results are then discarded). Deterministic for fixed options
 and teacher (the number of worker processes does not change the output).
 
 Command line::
