@@ -285,7 +285,7 @@ def _write_job(jobs_dir: Path, res: dict) -> None:
 
 LABELS_ARCHIVE = Path(__file__).resolve().parents[2] / "data" / "distill-jobs-7net-l3i5-seed0.tar.xz"
 """Finished labelling jobs of the default options (:func:`generation_options` with no
-arguments), committed so that a retrain does not repeat ~1 h of teacher time; an archive of
+arguments), committed so that a retrain does not repeat the teacher work (~1.5 h of single-thread time); an archive of
 ``jobs/<name>.{extxyz,relax.extxyz,json}`` (in a repository checkout, not in the wheel)."""
 
 
