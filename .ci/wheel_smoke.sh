@@ -8,9 +8,9 @@
 # Clones the repository's committed HEAD (uncommitted edits are not tested), so commit first.
 # Needs network access to PyPI (torch==2.13.0, the dependencies, setuptools for the build).
 # Env: PY (python for the venv, default python3), KEEP=1 keeps the work directory.
-# Measured (2-core machine shared with other jobs, load ~5, warm pip cache): 34 min in all:
-# venv + torch 1.8 min, wheel 10 s, dependencies 1.2 min, calculator 12 s, and the demo
-# (39 ML + 39 EMT relaxations) 30 min, which dominates; on a quiet machine it is faster.
+# Measured on 19fa153 (2-core machine, warm pip cache): 4 min 36 s in all; the demo (39 ML
+# relaxations with the distilled model, 31 SevenNet single points, teacher gas references)
+# took about 3.3 min of it.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
