@@ -89,6 +89,7 @@ def _seed(seed: int, *parts: str) -> int:
 
 
 def facet_name(miller: Sequence[int]) -> str:
+    """Miller index (h, k, l) → facet label, e.g. (2, 1, 1) → "211"."""
     return "".join(str(int(x)) for x in miller)
 
 
@@ -108,6 +109,7 @@ def systems(seed: int = 0, ads_per_surface: int = 5) -> list[tuple[str, str, str
 
 
 def system_name(metal: str, facet: str, adsorbate: str) -> str:
+    """Job / system name, e.g. ("Pt", "111", "*CO") → "Pt-111-CO"; adsorbate "" → "Pt-111-clean"."""
     return f"{metal}-{facet}-{adsorbate.lstrip('*') or 'clean'}"
 
 
@@ -271,6 +273,7 @@ def _job_name(job: dict) -> str:
 
 
 def job_names(opts: dict) -> list[str]:
+    """Names of :func:`job_list` (the files ``jobs/<name>.*``), in generation order."""
     return [_job_name(j) for j in job_list(opts)]
 
 
