@@ -35,7 +35,8 @@ from eqv2_calc.checkpoint.random_init import (
     make_random_model,
     state_dict_sha256,
 )
-from eqv2_calc.checkpoint.save import checkpoint_dict, fairchem_keys, fairchem_state_dict, save_fairchem_checkpoint
+from eqv2_calc.checkpoint.save import checkpoint_dict, save_fairchem_checkpoint
+from eqv2_calc.checkpoint.state_dict import fairchem_keys, fairchem_state_dict
 from eqv2_calc.model import EquiformerV2Config
 from eqv2_calc.potential import EquiformerV2Potential
 from conftest import refvenv_python

@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from eqv2_calc.checkpoint.save import fairchem_keys, save_fairchem_checkpoint
+from eqv2_calc.checkpoint.save import save_fairchem_checkpoint
+from eqv2_calc.checkpoint.state_dict import fairchem_keys
 from eqv2_calc.model import EquiformerV2, EquiformerV2Config
 
 OC20_NORMALIZERS = {
