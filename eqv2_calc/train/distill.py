@@ -2,8 +2,8 @@
 
 One command, seeded end to end, resumable at every stage::
 
-    python -m eqv2_calc.train.distill --threads 2                 # data → runs/distill-data, model → runs/distill-small
-    python -m eqv2_calc.train.distill --limit 105 --threads 2     # what the shipped file was trained on
+    python -m eqv2_calc.train.distill --threads 2                 # the shipped file: data → runs/distill-data, model → runs/distill-small
+    python -m eqv2_calc.train.distill --limit 105 --threads 2     # a smaller run on the first 105 labelling jobs
 
 Steps: (1) :func:`eqv2_calc.train.distill_data.generate_distill_dataset` (needs the
 ``[teacher]`` extra; finished jobs are kept, so a killed run continues; ``--limit N`` labels
@@ -32,7 +32,7 @@ INIT = ROOT / "checkpoints" / SHIPPED_MODELS["emt"]
 
 DISTILL_SMALL: dict = dict(
     seed=0, epochs=12, batch_size=8, lr=1e-3, min_lr_ratio=0.02, warmup_steps=50, warmup_factor=0.1,
-    weight_decay=1e-3, clip_grad_norm=10.0, ema_decay=0.998, energy_coef=1.0, force_coef=10.0,
+    weight_decay=1e-3, clip_grad_norm=10.0, ema_decay=0.998, energy_coef=4.0, force_coef=10.0,
     refit_normalizers=True, checkpoint_every=100, eval_every=500, log_every=10,
 )
 """Training options of the distilled model (TrainConfig fields, without paths)."""
