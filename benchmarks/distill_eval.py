@@ -8,9 +8,8 @@ Through the public inference path (predict_batch / relax_batch), for each ``--ch
    copies of systems never seen in training) and held-out **relaxation paths**
    (``test_paths.extxyz``): energy MAE (eV/atom), force MAE over free-atom Cartesian
    components (eV/Å, OC20 ``forces_mae``), split into free slab atoms and adsorbate atoms, and
-   the energy error in eV per system at its last frame (on the paths: the teacher's relaxed
-   structure, so this is the model's error in the adsorption energy there, slab and gas
-   references aside);
+   on the paths the energy error in eV per system at its last frame (the teacher's relaxed
+   structure: the model's error in the adsorption energy there, slab and gas references aside);
 2. relaxation agreement: each held-out start of ``relaxations.extxyz`` is relaxed with the
    model (batched L-BFGS, fmax 0.05 eV/Å, ≤ 300 steps), the teacher is evaluated at the result
    and compared with the teacher's own relaxation of the same start: the fraction within 0.1 eV;
@@ -63,15 +62,19 @@ def frame_errors(calc: EquiformerV2Calculator, path: Path) -> dict[str, float]:
             sums[key][0] += float(df[m].sum())
             sums[key][1] += 3 * int(m.sum())
     mae = {k: (s / n if n else float("nan")) for k, (s, n) in sums.items()}
-    # per system, the frame with the highest index: for a path, the teacher's last (relaxed) frame
+    out = {"frames": len(frames), "energy_mae_per_atom": float(np.mean(e_atom)), "free_force_mae": mae["free"],
+           "free_slab_force_mae": mae["slab"], "adsorbate_force_mae": mae["ads"], "max_force_error": worst}
+    # per system, its path frame with the highest index: the teacher's last (relaxed) frame
     last: dict[str, tuple[int, float]] = {}
     for a, p in zip(frames, preds):
-        key, i = a.info.get("system", ""), int(a.info.get("frame", 0))
+        if a.info.get("kind") != "path":
+            continue
+        key, i = a.info["system"], int(a.info["frame"])
         if key not in last or i > last[key][0]:
             last[key] = (i, abs(p["energy"] - a.get_potential_energy()))
-    return {"frames": len(frames), "energy_mae_per_atom": float(np.mean(e_atom)), "free_force_mae": mae["free"],
-            "free_slab_force_mae": mae["slab"], "adsorbate_force_mae": mae["ads"], "max_force_error": worst,
-            "last_frame_energy_mae": float(np.mean([e for _, e in last.values()]))}
+    if last:
+        out["last_frame_energy_mae"] = float(np.mean([e for _, e in last.values()]))
+    return out
 
 
 def relax_agreement(calc: EquiformerV2Calculator, teacher, path: Path, fmax: float, steps: int) -> dict:
@@ -134,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     for part in ("initial", "paths"):
         for key in ("free_force_mae", "free_slab_force_mae", "adsorbate_force_mae", "energy_mae_per_atom",
                     "last_frame_energy_mae"):
+            if any(key not in out["models"][n][part] for n in names):
+                continue
             target = TARGETS[part].get(key)
             vals = " | ".join(f"{out['models'][n][part][key]:.4f}" for n in names)
             print(f"| {part}: {key} | {vals} | {'≤ ' + str(target) if target else ''} |")
