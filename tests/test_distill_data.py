@@ -73,7 +73,7 @@ def test_system_job_labels_adsorbml_placements(emt_teacher):
     assert kinds.count("initial") == 3 and kinds.count("rattle") == 2 and 2 <= kinds.count("path") <= 6
     slab = dd.build_slab("Pt", "111")
     placements = {p.config_id: p.atoms for p in generate_placements(
-        slab, "*CO", num_random=5, heuristic=True, seed=dd._seed(0, "Pt-111-CO", "placements") % (2**31))}
+        slab, "*CO", num_random=5, heuristic=True, seed=dd.sub_seed(0, "Pt-111-CO", "placements") % (2**31))}
     for f in res["frames"]:
         e, forces = _emt(f)  # labels are the teacher's at exactly this geometry
         assert f.get_potential_energy() == pytest.approx(e, abs=1e-9)

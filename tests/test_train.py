@@ -218,6 +218,26 @@ def test_resume_continues_from_saved_step(data_file, tmp_path):
         train(_cfg(frames_file, tmp_path / "b", epochs=3, batch_size=2, lr=1e-2), progress=False)
 
 
+def test_fine_tune_may_change_only_the_graph(data_file, tmp_path):
+    """A fine-tune can lift the neighbour cap and change the cutoff (the graph, not the weights):
+    the saved file has the new graph, and the weights carry over unchanged at step 0."""
+    base = train(_cfg(data_file, tmp_path / "base", epochs=2), resume=False, progress=False)
+    graph = dict(max_radius=3.5, max_neighbors=500)
+    ft = train(_cfg(data_file, tmp_path / "ft", model=graph, init_checkpoint=str(base.final), epochs=1, lr=1e-9,
+                    ema_decay=0.0), resume=False, progress=False)
+    old, _ = load_model(base.final)
+    new, _ = load_model(ft.final)
+    assert (new.cfg.max_radius, new.cfg.max_neighbors) == (3.5, 500) and old.cfg.max_neighbors == TINY["max_neighbors"]
+    for k, v in old.state_dict().items():  # lr 1e-9: one step changes nothing visible
+        torch.testing.assert_close(new.state_dict()[k], v, rtol=0, atol=1e-6)
+    # the graph is the new one: more neighbours than the old cap allowed
+    frames = read_frames(data_file)
+    deg_new = GraphDataset(frames, 3.5, 500).mean_degree
+    assert deg_new > GraphDataset(frames, TINY["max_radius"], TINY["max_neighbors"]).mean_degree
+    with pytest.raises(InputError, match="may only set"):
+        train(_cfg(data_file, tmp_path / "bad", model={"num_layers": 3}, init_checkpoint=str(base.final)), progress=False)
+
+
 def test_bad_training_input(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         read_frames(tmp_path / "missing.extxyz")

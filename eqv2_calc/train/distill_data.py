@@ -49,7 +49,7 @@ import multiprocessing
 import time
 import zlib
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from ase import Atoms
@@ -84,7 +84,8 @@ def generation_options(
                 path_frames=path_frames, relax_fmax=relax_fmax, relax_steps=relax_steps, num_random=num_random)
 
 
-def _seed(seed: int, *parts: str) -> int:
+def sub_seed(seed: int, *parts: str) -> int:
+    """A 32-bit seed derived from ``seed`` and the names ``parts`` (CRC32; stable across runs and platforms)."""
     return zlib.crc32(":".join([str(seed), *parts]).encode())
 
 
@@ -102,7 +103,7 @@ def systems(seed: int = 0, ads_per_surface: int = 5) -> list[tuple[str, str, str
     for metal, millers in SURFACES.items():
         for hkl in millers:
             facet = facet_name(hkl)
-            rng = np.random.default_rng(_seed(seed, metal, facet, "adsorbates"))
+            rng = np.random.default_rng(sub_seed(seed, metal, facet, "adsorbates"))
             pick = sorted(rng.choice(len(ADSORBATES), size=ads_per_surface, replace=False))
             out += [(metal, facet, ADSORBATES[i]) for i in pick]
     return out
@@ -140,7 +141,8 @@ def _init_worker(teacher: str, threads: int) -> None:
     _TEACHER = make_teacher(teacher)
 
 
-def _label(atoms: Atoms, **info) -> Atoms:
+def label(atoms: Atoms, **info) -> Atoms:
+    """``atoms`` with the teacher's energy (eV) and raw forces (eV/Å) and ``info`` (in a teacher worker)."""
     a = atoms.copy()
     a.calc = _TEACHER
     e = float(a.get_potential_energy())
@@ -188,14 +190,25 @@ def _teacher_relax(atoms: Atoms, fmax: float, steps: int, path_frames: int, **in
     return frames, relaxed, converged, opt.nsteps
 
 
-def _system_job(job: dict) -> dict:
-    """Label one system (see module docstring); returns {"frames": [...], "relaxation": Atoms | None, ...}."""
+def ordered_placements(slab, adsorbate: str, name: str, opts: dict, rng: np.random.Generator) -> list:
+    """The placements of ``adsorbate`` on ``slab`` (heuristic + ``num_random`` random sites,
+    seeded by ``name``) in the seeded order of system ``name``: the data set uses the first
+    ``n_initial`` as initial frames and the next as the teacher's relaxation start, and
+    :mod:`eqv2_calc.train.active_data` takes the following ones. ``rng`` is the system's
+    generator (``np.random.default_rng(sub_seed(seed, name))``), advanced by the permutation."""
     from adsorbml.placements import generate_placements
 
+    placements = generate_placements(slab, adsorbate, num_random=opts["num_random"], heuristic=True,
+                                     seed=sub_seed(opts["seed"], name, "placements") % (2**31))
+    return [placements[i] for i in rng.permutation(len(placements))]
+
+
+def _system_job(job: dict) -> dict:
+    """Label one system (see module docstring); returns {"frames": [...], "relaxation": Atoms | None, ...}."""
     o = job["options"]
     metal, facet, ads = job["system"]
     name = system_name(metal, facet, ads)
-    rng = np.random.default_rng(_seed(o["seed"], name))
+    rng = np.random.default_rng(sub_seed(o["seed"], name))
     meta = {"system": name, "metal": metal, "facet": facet, "adsorbate": ads or "clean", "split": job["split"]}
     t0 = time.perf_counter()
     slab = build_slab(metal, facet)
@@ -205,18 +218,15 @@ def _system_job(job: dict) -> dict:
         start = _rattled(slab.atoms, 0.05, rng)
         path, relaxed, conv, n = _teacher_relax(start, o["relax_fmax"], o["relax_steps"], o["path_frames"] // 2, **meta)
         frames += path
-        frames += [_label(_rattled(relaxed, s, rng), kind="rattle", frame=i, **meta) for i, s in enumerate(RATTLE_SIGMAS)]
+        frames += [label(_rattled(relaxed, s, rng), kind="rattle", frame=i, **meta) for i, s in enumerate(RATTLE_SIGMAS)]
     else:
-        placements = generate_placements(slab, ads, num_random=o["num_random"], heuristic=True,
-                                         seed=_seed(o["seed"], name, "placements") % (2**31))
-        order = rng.permutation(len(placements))
-        chosen = [placements[i] for i in order[: o["n_initial"] + 1]]
+        chosen = ordered_placements(slab, ads, name, o, rng)[: o["n_initial"] + 1]
         for i, p in enumerate(chosen[:-1]):
-            frames.append(_label(p.atoms, kind="initial", frame=i, placement=p.config_id, **meta))
+            frames.append(label(p.atoms, kind="initial", frame=i, placement=p.config_id, **meta))
         for i in range(o["n_rattle"]):
             p = chosen[i % (len(chosen) - 1)]
             sigma = RATTLE_SIGMAS[i % len(RATTLE_SIGMAS)]
-            frames.append(_label(_rattled(p.atoms, sigma, rng), kind="rattle", frame=i, placement=p.config_id, **meta))
+            frames.append(label(_rattled(p.atoms, sigma, rng), kind="rattle", frame=i, placement=p.config_id, **meta))
         p = chosen[-1]
         path, relaxed, conv, n = _teacher_relax(p.atoms, o["relax_fmax"], o["relax_steps"], o["path_frames"],
                                                 placement=p.config_id, **meta)
@@ -233,7 +243,7 @@ def _molecule_job(job: dict) -> dict:
 
     o = job["options"]
     t0 = time.perf_counter()
-    rng = np.random.default_rng(_seed(o["seed"], "molecules"))
+    rng = np.random.default_rng(sub_seed(o["seed"], "molecules"))
     frames = []
     for m in MOLECULES:
         atoms = molecule(m)
@@ -244,7 +254,7 @@ def _molecule_job(job: dict) -> dict:
         start = _rattled(atoms, 0.05, rng)
         path, relaxed, _, _ = _teacher_relax(start, 0.01, 200, 4, **meta)
         frames += path
-        frames += [_label(_rattled(relaxed, s, rng), kind="rattle", frame=i, **meta) for i, s in enumerate(RATTLE_SIGMAS)]
+        frames += [label(_rattled(relaxed, s, rng), kind="rattle", frame=i, **meta) for i, s in enumerate(RATTLE_SIGMAS)]
     return {"name": "gas", "frames": frames, "relaxation": None, "converged": True, "steps": 0,
             "seconds": round(time.perf_counter() - t0, 2)}
 
@@ -275,6 +285,26 @@ def _job_name(job: dict) -> str:
 def job_names(opts: dict) -> list[str]:
     """Names of :func:`job_list` (the files ``jobs/<name>.*``), in generation order."""
     return [_job_name(j) for j in job_list(opts)]
+
+
+def run_teacher_jobs(jobs: Sequence[dict], run: Callable[[dict], dict], done: Callable[[dict], None], teacher: str,
+                     workers: int, threads: int, bar) -> None:
+    """``done(run(job))`` for every job, in ``workers`` spawned processes (each with the teacher
+    loaded once and ``threads`` torch threads) or in this process for ``workers <= 1``; ``run``
+    must be a module-level function (it is pickled). ``bar`` (tqdm) advances per finished job."""
+    if not jobs:
+        return
+    if workers > 1:
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(workers, initializer=_init_worker, initargs=(teacher, threads)) as pool:
+            for res in pool.imap_unordered(run, jobs):
+                done(res)
+                bar.update()
+    else:
+        _init_worker(teacher, threads)
+        for job in jobs:
+            done(run(job))
+            bar.update()
 
 
 def _write_job(jobs_dir: Path, res: dict) -> None:
@@ -337,18 +367,7 @@ def generate_distill_dataset(out_dir: str | Path, *, workers: int = 2, threads: 
     todo = [j for j, n in zip(jobs, names) if not (jobs_dir / f"{n}.json").is_file()]
     t0 = time.perf_counter()
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=f"teacher {opts['teacher']}", disable=not progress)
-    if todo:
-        if workers > 1:
-            ctx = multiprocessing.get_context("spawn")
-            with ctx.Pool(workers, initializer=_init_worker, initargs=(opts["teacher"], threads)) as pool:
-                for res in pool.imap_unordered(_run_job, todo):
-                    _write_job(jobs_dir, res)
-                    bar.update()
-        else:
-            _init_worker(opts["teacher"], threads)
-            for job in todo:
-                _write_job(jobs_dir, _run_job(job))
-                bar.update()
+    run_teacher_jobs(todo, _run_job, lambda res: _write_job(jobs_dir, res), opts["teacher"], workers, threads, bar)
     bar.close()
     return assemble(out, names, opts, time.perf_counter() - t0, limit)
 

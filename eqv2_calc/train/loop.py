@@ -65,7 +65,7 @@ class TrainConfig:
     ``clip_grad_norm``: max global gradient norm. ``ema_decay``: EMA of the weights (0 = off).
     ``checkpoint_every``/``eval_every``/``log_every`` in optimizer steps (0 = only at the end).
     ``init_checkpoint``: fine-tune from a checkpoint (its architecture and normalisation are
-    kept unless ``refit_normalizers``; ``trust_checkpoint`` allows a file beyond the safe
+    kept unless ``refit_normalizers``; ``model`` may then change only the graph, :data:`GRAPH_FIELDS`; ``trust_checkpoint`` allows a file beyond the safe
     unpickling allow-list, see :func:`~eqv2_calc.checkpoint.load_model`). ``threads``: torch
     intra-op threads (0 = leave).
     """
@@ -174,6 +174,8 @@ def build_model(cfg: TrainConfig, train_ds_frames, progress: bool) -> tuple[Equi
         from eqv2_calc.checkpoint import load_model
 
         model, _ = load_model(cfg.init_checkpoint, trust_checkpoint=cfg.trust_checkpoint)
+        if cfg.model:
+            model = with_graph(model, cfg.model)
         mcfg = model.cfg
     else:
         mcfg = EquiformerV2Config(**cfg.model)
@@ -192,6 +194,22 @@ def build_model(cfg: TrainConfig, train_ds_frames, progress: bool) -> tuple[Equi
         set_normalizers(model, train_ds_frames)
     model = model.float().requires_grad_(True).train()
     return model, ds
+
+
+GRAPH_FIELDS: tuple[str, ...] = ("max_radius", "max_neighbors", "enforce_max_neighbors_strictly")
+"""The :class:`EquiformerV2Config` fields a fine-tune may change (``TrainConfig.model`` with
+``init_checkpoint``): they define the radius graph, not the weights."""
+
+
+def with_graph(model: EquiformerV2, graph: dict[str, Any]) -> EquiformerV2:
+    """A copy of ``model`` (same weights) with the graph fields :data:`GRAPH_FIELDS` of ``graph``."""
+    bad = sorted(set(graph) - set(GRAPH_FIELDS))
+    if bad:
+        raise InputError(f"a fine-tune (init_checkpoint) keeps the architecture: 'model' may only set {list(GRAPH_FIELDS)}, "
+                         f"got {bad}")
+    new = EquiformerV2(dataclasses.replace(model.cfg, **graph))
+    new.load_state_dict(model.state_dict())
+    return new
 
 
 @torch.no_grad()

@@ -1,0 +1,108 @@
+"""One active-learning round (eqv2_calc.train.active_data): new starts of training systems,
+relaxed by a model, teacher labels on its trajectory.
+
+EMT stands in for the teacher and the EMT-trained shipped model relaxes; labels and the model's
+energies are checked against independent evaluations at the stored geometries."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from ase.calculators.emt import EMT
+from ase.io import read
+
+import eqv2_calc.train.active_data as ad
+import eqv2_calc.train.distill_data as dd
+from eqv2_calc.calculator import EquiformerV2Calculator
+from eqv2_calc.checkpoint.registry import shipped_checkpoint
+from eqv2_calc.errors import InputError
+
+
+@pytest.fixture
+def emt_teacher(monkeypatch):
+    monkeypatch.setattr(dd, "_init_worker", lambda teacher, threads: setattr(dd, "_TEACHER", EMT()))
+
+
+@pytest.fixture
+def base_dir(tmp_path):
+    """A base data directory: only its manifest is read."""
+    d = tmp_path / "base"
+    d.mkdir()
+    (d / "manifest.json").write_text(json.dumps({"options": dd.generation_options(num_random=5)}))
+    return d
+
+
+def test_starts_are_unused_placements_of_training_systems():
+    base = dd.generation_options(num_random=5)
+    split = {j["system"]: j["split"] for j in dd.job_list(base) if j["kind"] == "system"}
+    train = ad.training_systems(base)
+    assert train and all(split[s] == "train" and s[2] for s in train)
+    assert len(train) == sum(1 for s, p in split.items() if p == "train" and s[2])  # every training system
+    starts = ad.training_starts(base, 2, limit=2)
+    assert [a.info["start_name"] for a in starts] == [ad.start_name(dd.system_name(*s), k) for s in train[:2] for k in (0, 1)]
+    for a in starts:
+        metal, facet, ads = a.info["metal"], a.info["facet"], a.info["adsorbate"]
+        rng = np.random.default_rng(dd.sub_seed(base["seed"], a.info["system"]))
+        ordered = dd.ordered_placements(dd.build_slab(metal, facet), ads, a.info["system"], base, rng)
+        used = {p.config_id for p in ordered[: base["n_initial"] + 1]}  # what the base data labelled
+        assert a.info["placement"] not in used
+        new = ordered[base["n_initial"] + 1 + a.info["start"]]
+        assert new.config_id == a.info["placement"]
+        np.testing.assert_array_equal(a.positions, new.atoms.positions)
+
+
+def test_picks_are_even_and_keep_both_ends():
+    assert list(ad._picks(61, 6)) == [0, 12, 24, 36, 48, 60]
+    assert list(ad._picks(3, 6)) == [0, 1, 2]
+    assert list(ad._picks(1, 6)) == [0]
+
+
+def test_round_labels_the_model_trajectory_and_resumes(tmp_path, base_dir, emt_teacher):
+    ckpt = shipped_checkpoint("emt")
+    out = tmp_path / "al"
+    opts = dict(n_starts=2, frames=3, steps=6, save_every=2)
+    m = ad.generate_active_dataset(out, base_dir, ckpt, workers=1, progress=False, limit=1, **opts)
+    assert m["systems"] == 1 and not m["complete"] and m["dropped_frames"] == 0
+    assert m["options"]["checkpoint_sha256"] == EquiformerV2Calculator(checkpoint_path=str(ckpt)).metadata["sha256"]
+    frames = read(out / "train.extxyz", index=":")
+    assert m["frames"] == len(frames) == 6
+    starts = {a.info["start_name"]: a for a in ad.training_starts(m["options"]["base"], 2, limit=1)}
+    model = EquiformerV2Calculator(checkpoint_path=str(ckpt))
+    for f in frames:
+        assert f.info["kind"] == "ml-path" and f.info["split"] == "train"
+        a = f.copy()
+        a.calc = EMT()  # the teacher's labels at this geometry (extxyz keeps 8 decimals)
+        assert f.get_potential_energy() == pytest.approx(a.get_potential_energy(), abs=1e-6)
+        np.testing.assert_allclose(f.calc.results["forces"], a.get_forces(apply_constraint=False), atol=1e-6)
+        a.calc = model  # the model's energy there, as recorded
+        assert f.info["ml_energy"] == pytest.approx(a.get_potential_energy(), abs=2e-4)
+        start = starts[ad.start_name(f.info["system"], f.info["start"])]
+        np.testing.assert_array_equal(f.get_tags(), start.get_tags())
+        if f.info["frame"] == 0:  # the unmodified start
+            np.testing.assert_array_equal(f.positions, start.positions)
+        else:
+            assert 0 < f.info["ml_step"] <= 6 and np.abs(f.positions - start.positions).max() > 1e-3
+    # resume: a lost labelling job is redone, the relaxations are kept; output identical
+    first = (out / "train.extxyz").read_bytes()
+    (out / "jobs" / f"{frames[0].info['system']}.json").unlink()
+    kept = {p.name: p.stat().st_mtime_ns for p in (out / "ml").iterdir()}
+    ad.generate_active_dataset(out, base_dir, ckpt, workers=1, progress=False, limit=1, **opts)
+    assert (out / "train.extxyz").read_bytes() == first
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "ml").iterdir()} == kept
+    with pytest.raises(InputError, match="other options or another model"):
+        ad.generate_active_dataset(out, base_dir, ckpt, workers=1, progress=False, limit=1, **{**opts, "frames": 4})
+
+
+def test_teacher_outliers_are_dropped_and_counted(tmp_path, base_dir, emt_teacher):
+    m = ad.generate_active_dataset(tmp_path / "al", base_dir, shipped_checkpoint("emt"), workers=1, progress=False,
+                                   limit=1, n_starts=1, frames=2, steps=2, max_force=1e-6)
+    assert m["frames"] == 0 and m["dropped_frames"] == 2
+
+
+def test_bad_input_is_explained(tmp_path):
+    with pytest.raises(InputError, match="no manifest.json"):
+        ad.generate_active_dataset(tmp_path / "al", tmp_path, shipped_checkpoint("emt"))
+    with pytest.raises(InputError, match="unknown active-learning options"):
+        ad.active_options({}, "0", n_start=3)
