@@ -182,6 +182,7 @@ def generate_active_dataset(out_dir: str | Path, base_dir: str | Path, checkpoin
     gives the systems, split and teacher); ``checkpoint``: the model that relaxes;
     ``limit``: only the first that many training systems (tests and trials)."""
     from eqv2_calc.calculator import EquiformerV2Calculator
+    from eqv2_calc.train.distill_data import claim_directory
 
     out, base_dir = Path(out_dir), Path(base_dir)
     mbase = base_dir / "manifest.json"
@@ -191,13 +192,7 @@ def generate_active_dataset(out_dir: str | Path, base_dir: str | Path, checkpoin
     base = json.loads(mbase.read_text())["options"]
     calc = EquiformerV2Calculator(checkpoint_path=str(checkpoint), device="cpu")
     opts = active_options(base, calc.metadata["sha256"], **options)
-    out.mkdir(parents=True, exist_ok=True)
-    mpath = out / "manifest.json"
-    if mpath.is_file():
-        have = json.loads(mpath.read_text()).get("options")
-        if have != opts:
-            raise InputError(f"{out} holds a round with other options or another model ({have}); use another directory")
-    atomic_write_text(mpath, json.dumps({"options": opts, "complete": False}, indent=1))
+    claim_directory(out, opts, "a round with other options or another model")
     t0 = time.perf_counter()
     starts = training_starts(base, opts["n_starts"], limit)
     relax_starts(out, starts, calc, opts, progress)
@@ -212,7 +207,8 @@ def assemble(out: Path, systems: list[str], opts: dict, seconds: float, limit: i
         meta = json.loads((out / "jobs" / f"{s}.json").read_text())
         dropped += meta["dropped"]
         secs += meta["seconds"]
-        frames += read(out / "jobs" / f"{s}.extxyz", index=":")
+        if meta["frames"]:  # all frames of a system can be dropped: its file is then empty
+            frames += read(out / "jobs" / f"{s}.extxyz", index=":")
     atomic_write(out / "train.extxyz", lambda tmp: write(tmp, frames, format="extxyz"))
     final: dict[tuple[str, int], Atoms] = {}  # per start, its last labelled frame (the ML end point)
     for f in frames:

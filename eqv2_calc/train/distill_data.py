@@ -322,22 +322,35 @@ arguments), committed so that a retrain does not repeat the teacher work (~1.5 h
 ``jobs/<name>.{extxyz,relax.extxyz,json}`` (in a repository checkout, not in the wheel)."""
 
 
-def restore_labels(out_dir: str | Path, archive: str | Path = LABELS_ARCHIVE) -> int:
-    """Unpack the finished jobs of ``archive`` missing from ``out_dir/jobs``; returns how many
-    files were added. Only for data generated with the archive's (default) options."""
+def restore_labels(out_dir: str | Path, archive: str | Path = LABELS_ARCHIVE, folders: Sequence[str] = ("jobs",)) -> int:
+    """Unpack the files of ``archive`` under ``folders`` (``jobs/``; an active-learning round of
+    :mod:`eqv2_calc.train.active_data` also has ``ml/``) missing from ``out_dir``; returns how
+    many files were added. Only for data generated with the archive's options."""
     import tarfile
 
-    jobs_dir = Path(out_dir) / "jobs"
-    jobs_dir.mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir)
+    (out / "jobs").mkdir(parents=True, exist_ok=True)
     added = 0
     with tarfile.open(archive, "r:xz") as tar:
         for m in tar.getmembers():
             name = Path(m.name)
-            if not m.isfile() or name.parent != Path("jobs") or (jobs_dir / name.name).exists():
+            if not m.isfile() or str(name.parent) not in folders or (out / name).exists():
                 continue
-            tar.extract(m, Path(out_dir), filter="data")
+            tar.extract(m, out, filter="data")
             added += 1
     return added
+
+
+def claim_directory(out: Path, opts: dict, what: str) -> None:
+    """Start (or continue) a run with options ``opts`` in ``out``: refuses a ``manifest.json``
+    with other options (``what`` names them in the error), else records ``opts`` as incomplete."""
+    out.mkdir(parents=True, exist_ok=True)
+    mpath = out / "manifest.json"
+    if mpath.is_file():
+        have = json.loads(mpath.read_text()).get("options")
+        if have != opts:
+            raise InputError(f"{out} holds {what} ({have}); use another directory")
+    atomic_write_text(mpath, json.dumps({"options": opts, "complete": False}, indent=1))
 
 
 def generate_distill_dataset(out_dir: str | Path, *, workers: int = 2, threads: int = 1, progress: bool = True,
@@ -354,12 +367,7 @@ def generate_distill_dataset(out_dir: str | Path, *, workers: int = 2, threads: 
     out = Path(out_dir)
     jobs_dir = out / "jobs"
     jobs_dir.mkdir(parents=True, exist_ok=True)
-    mpath = out / "manifest.json"
-    if mpath.is_file():
-        have = json.loads(mpath.read_text()).get("options")
-        if have != opts:
-            raise InputError(f"{out} holds data generated with other options ({have}); use another directory")
-    atomic_write_text(mpath, json.dumps({"options": opts, "complete": False}, indent=1))
+    claim_directory(out, opts, "data generated with other options")
     jobs = job_list(opts)
     if limit is not None:
         jobs = jobs[:limit]
