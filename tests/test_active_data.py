@@ -18,7 +18,7 @@ import eqv2_calc.train.active_data as ad
 import eqv2_calc.train.distill_data as dd
 from eqv2_calc.calculator import EquiformerV2Calculator
 from eqv2_calc.checkpoint.registry import shipped_checkpoint
-from eqv2_calc.errors import InputError
+from eqv2_calc.errors import CheckpointError, InputError
 
 
 @pytest.fixture
@@ -107,3 +107,10 @@ def test_bad_input_is_explained(tmp_path):
         ad.generate_active_dataset(tmp_path / "al", tmp_path, shipped_checkpoint("emt"))
     with pytest.raises(InputError, match="unknown active-learning options"):
         ad.active_options({}, "0", n_start=3)
+    with pytest.raises(InputError, match="frames must be an integer >= 2"):
+        ad.active_options({}, "0", frames=0)
+    with pytest.raises(InputError, match="fmax must be > 0"):
+        ad.active_options({}, "0", fmax=-0.05)
+    (tmp_path / "manifest.json").write_text(json.dumps({"options": dd.generation_options()}))
+    with pytest.raises(CheckpointError, match="checkpoint file not found"):
+        ad.generate_active_dataset(tmp_path / "al", tmp_path, tmp_path / "missing.pt")

@@ -57,7 +57,14 @@ def active_options(base: dict, checkpoint_sha256: str, **options: Any) -> dict:
     unknown = set(options) - set(ACTIVE_DEFAULTS)
     if unknown:
         raise InputError(f"unknown active-learning options {sorted(unknown)}; known: {sorted(ACTIVE_DEFAULTS)}")
-    return {**ACTIVE_DEFAULTS, **options, "base": base, "checkpoint_sha256": checkpoint_sha256}
+    opts = {**ACTIVE_DEFAULTS, **options}
+    for key, low in (("n_starts", 1), ("frames", 2), ("steps", 1), ("save_every", 1)):
+        if not isinstance(opts[key], int) or opts[key] < low:
+            raise InputError(f"{key} must be an integer >= {low}, got {opts[key]!r}")
+    for key in ("fmax", "max_force"):
+        if not opts[key] > 0:
+            raise InputError(f"{key} must be > 0 eV/Å, got {opts[key]!r}")
+    return {**opts, "base": base, "checkpoint_sha256": checkpoint_sha256}
 
 
 def start_name(system: str, k: int) -> str:
@@ -98,7 +105,9 @@ def _picks(n: int, k: int) -> np.ndarray:
 
 
 def relax_starts(out: Path, starts: list[Atoms], calc: Any, opts: dict, progress: bool = True) -> None:
-    """Stage 2: relax the starts without ``out/ml/<start>.extxyz`` and write their picked frames."""
+    """Stage 2: relax the starts without ``out/ml/<start>.extxyz`` with ``calc`` (fmax
+    ``opts["fmax"]`` eV/Å, ≤ ``opts["steps"]``) and write their picked frames (positions Å,
+    ``info["ml_energy"]`` eV; no calculator attached)."""
     from eqv2_calc.relax import relax_batch
 
     ml_dir = out / "ml"
@@ -142,8 +151,9 @@ def _label_job(job: dict) -> dict:
 
 
 def label_frames(out: Path, starts: list[Atoms], opts: dict, workers: int, threads: int, progress: bool) -> list[str]:
-    """Stage 3: teacher-label the ML frames of ``starts`` (relaxed by :func:`relax_starts`),
-    one job per system without ``out/jobs/<system>.json``; returns the systems in order."""
+    """Stage 3: teacher-label (energy eV, raw forces eV/Å) the ML frames of ``starts`` (relaxed
+    by :func:`relax_starts`), one job per system without ``out/jobs/<system>.json``, in
+    ``workers`` processes; returns the systems in order."""
     from tqdm.auto import tqdm
 
     from eqv2_calc.train.distill_data import run_teacher_jobs

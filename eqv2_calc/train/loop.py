@@ -65,7 +65,8 @@ class TrainConfig:
     ``clip_grad_norm``: max global gradient norm. ``ema_decay``: EMA of the weights (0 = off).
     ``checkpoint_every``/``eval_every``/``log_every`` in optimizer steps (0 = only at the end).
     ``init_checkpoint``: fine-tune from a checkpoint (its architecture and normalisation are
-    kept unless ``refit_normalizers``; ``model`` may then change only the graph, :data:`GRAPH_FIELDS`; ``trust_checkpoint`` allows a file beyond the safe
+    kept unless ``refit_normalizers``; ``model`` may then change only the graph,
+    :data:`GRAPH_FIELDS`, e.g. cutoff in Å; ``trust_checkpoint`` allows a file beyond the safe
     unpickling allow-list, see :func:`~eqv2_calc.checkpoint.load_model`). ``threads``: torch
     intra-op threads (0 = leave).
     """
