@@ -114,3 +114,32 @@ def test_bad_input_is_explained(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"options": dd.generation_options()}))
     with pytest.raises(CheckpointError, match="checkpoint file not found"):
         ad.generate_active_dataset(tmp_path / "al", tmp_path, tmp_path / "missing.pt")
+
+
+def test_committed_round_restores_complete_and_holds_training_systems_only(tmp_path):
+    """Stage 3 of the distilled model trains on the committed round as is: restoring it gives a
+    complete round (no model is loaded: the path below does not exist), every frame labelled,
+    and no validation or test system in it."""
+    from eqv2_calc.train.distill import ACTIVE_ARCHIVE, active_round
+
+    assert ACTIVE_ARCHIVE.is_file()
+    train_file = active_round(tmp_path / "al", tmp_path / "no-base", tmp_path / "no-model.pt", workers=1, relabel=False)
+    manifest = json.loads((tmp_path / "al" / "manifest.json").read_text())
+    frames = read(train_file, index=":")
+    assert manifest["complete"] and len(frames) == manifest["frames"] > 0
+    split = {dd.system_name(*j["system"]): j["split"] for j in dd.job_list(manifest["options"]["base"])
+             if j["kind"] == "system"}
+    assert {split[f.info["system"]] for f in frames} == {"train"}
+    assert {"val", "test"} <= set(split.values())
+    assert {f.info["kind"] for f in frames} == {"ml-path"}
+    assert all(np.isfinite(f.get_forces()).all() and np.abs(f.get_forces()).max() <= 100.0 for f in frames)
+
+
+def test_stage3_config_trains_on_base_plus_round(tmp_path):
+    from eqv2_calc.train.distill import DISTILL_STAGE3, SMOOTH_GRAPH, distill_config
+
+    cfg = distill_config(tmp_path / "data", tmp_path / "out", DISTILL_STAGE3, tmp_path / "init.pt",
+                         extra_train=[tmp_path / "al" / "train.extxyz"])
+    assert cfg.train == [str(tmp_path / "data" / "train.extxyz"), str(tmp_path / "al" / "train.extxyz")]
+    assert cfg.val == [str(tmp_path / "data" / "val.extxyz")]
+    assert cfg.model == SMOOTH_GRAPH and not cfg.refit_normalizers and cfg.init_checkpoint == str(tmp_path / "init.pt")

@@ -2,7 +2,7 @@
 
 One command, seeded end to end, resumable at every stage::
 
-    python -m eqv2_calc.train.distill --threads 2                 # the shipped file: data → runs/distill-data, model → runs/distill-small{,-stage2}
+    python -m eqv2_calc.train.distill --threads 2                 # the shipped file: data → runs/distill-data, model → runs/distill-small{,-stage2,-stage3}
     python -m eqv2_calc.train.distill --limit 105 --threads 2     # a smaller run on the first 105 labelling jobs
 
 Steps:
@@ -10,13 +10,18 @@ Steps:
 1. :func:`eqv2_calc.train.distill_data.generate_distill_dataset` (needs the ``[teacher]``
    extra). Finished jobs are kept, so a killed run continues; ``--limit N`` labels only the
    first N jobs in their fixed, interleaved order. The jobs labelled so far are committed in
-   ``data/`` and restored first, unless ``--relabel``;
+   ``data/`` (:data:`~eqv2_calc.train.distill_data.LABELS_ARCHIVE`) and restored first, unless
+   ``--relabel``;
 2. stage 1, :func:`eqv2_calc.train.loop.train` with :data:`DISTILL_SMALL`: a fine-tune of the
    EMT-trained shipped model (same architecture and graph; element references and energy/force
    scales refitted to the teacher) into ``OUT`` (``runs/distill-small``);
 3. stage 2, :data:`DISTILL_STAGE2`: the stage-1 model fine-tuned on the same data with the
    smooth graph :data:`SMOOTH_GRAPH` into ``OUT-stage2``;
-4. its ``final.pt`` (EMA weights) is copied to ``--dest``.
+4. the active-learning round :data:`ACTIVE_ROUND` into ``--active-dir``: the committed
+   :data:`ACTIVE_ARCHIVE` unless ``--relabel``, else the stage-2 model relaxes anew;
+5. stage 3, :data:`DISTILL_STAGE3`: the stage-2 model fine-tuned on the base data plus that
+   round into ``OUT-stage3``;
+6. its ``final.pt`` (EMA weights) is copied to ``--dest``.
 
 Every stage resumes from its ``resume.pt``. Evaluate with ``python benchmarks/distill_eval.py``.
 """
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 from eqv2_calc.checkpoint.registry import SHIPPED_MODELS
@@ -56,13 +62,39 @@ DISTILL_STAGE2: dict = {
 }
 """Stage 2: the stage-1 model fine-tuned on the same data with :data:`SMOOTH_GRAPH`."""
 
+DISTILL_STAGE3: dict = {**DISTILL_STAGE2, "epochs": 4, "lr": 3e-4}
+"""Stage 3: the stage-2 model fine-tuned on the base data plus one active-learning round
+(:mod:`eqv2_calc.train.active_data`: teacher labels along the stage-2 model's own relaxations)."""
+
+ACTIVE_ROUND: dict = dict(n_starts=1)
+"""Options of the active-learning round of stage 3 (the rest: ``ACTIVE_DEFAULTS``)."""
+
+ACTIVE_ARCHIVE = ROOT / "data" / "active-round1-v3-b4a7c9b8.tar.xz"
+"""The committed round, made by the stage-2 model of sha256 ``b4a7c9b8…`` (eqv2-7net-small v3):
+113 relaxations, 671 teacher frames (~30 min of work on 2 cores)."""
+
+
+def active_round(out_dir: Path, data_dir: Path, model: Path, workers: int, relabel: bool) -> Path:
+    """The training file of the stage-3 round in ``out_dir``: the committed :data:`ACTIVE_ARCHIVE`
+    as is, unless ``relabel``; else a new round with ``model`` relaxing."""
+    from eqv2_calc.train.active_data import generate_active_dataset
+
+    manifest = out_dir / "manifest.json"
+    if ACTIVE_ARCHIVE.is_file() and not relabel:
+        restore_labels(out_dir, ACTIVE_ARCHIVE, folders=("jobs", "ml", "."))
+    if not (manifest.is_file() and json.loads(manifest.read_text())["complete"]):
+        generate_active_dataset(out_dir, data_dir, model, workers=workers, **ACTIVE_ROUND)
+    return out_dir / "train.extxyz"
+
 
 def distill_config(data_dir: Path, out_dir: Path, stage: dict = DISTILL_SMALL, init: Path = INIT,
-                   **overrides) -> TrainConfig:
-    """The :class:`TrainConfig` of a stage (:data:`DISTILL_SMALL`, :data:`DISTILL_STAGE2`) for
-    data in ``data_dir``, fine-tuning ``init``."""
+                   extra_train: Sequence[Path] = (), **overrides) -> TrainConfig:
+    """The :class:`TrainConfig` of a stage (:data:`DISTILL_SMALL`, :data:`DISTILL_STAGE2`,
+    :data:`DISTILL_STAGE3`) for data in ``data_dir`` plus training files ``extra_train``,
+    fine-tuning ``init``."""
     return TrainConfig.from_dict({
-        **stage, "train": [str(data_dir / "train.extxyz")], "val": [str(data_dir / "val.extxyz")],
+        **stage, "train": [str(p) for p in (data_dir / "train.extxyz", *extra_train)],
+        "val": [str(data_dir / "val.extxyz")],
         "out_dir": str(out_dir), "init_checkpoint": str(init), **overrides,
     })
 
@@ -71,12 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m eqv2_calc.train.distill", description=__doc__.split("\n")[0])
     p.add_argument("--data-dir", default=str(ROOT / "runs" / "distill-data"))
     p.add_argument("--out-dir", default=str(ROOT / "runs" / "distill-small"))
+    p.add_argument("--active-dir", default=str(ROOT / "runs" / "distill-al1-v3"), help="the active-learning round")
     p.add_argument("--dest", default=str(DEFAULT_DEST), help="where to copy the final checkpoint")
     p.add_argument("--limit", type=int, help="label only the first N jobs (see distill_data)")
     p.add_argument("--workers", type=int, default=2, help="teacher processes for the data")
     p.add_argument("--threads", type=int, default=0, help="torch threads for training (0 = default)")
     p.add_argument("--epochs", type=int, default=DISTILL_SMALL["epochs"], help="epochs of stage 1")
-    p.add_argument("--relabel", action="store_true", help=f"do not restore the committed labels ({LABELS_ARCHIVE.name})")
+    p.add_argument("--relabel", action="store_true",
+                   help=f"do not restore the committed labels ({LABELS_ARCHIVE.name}, {ACTIVE_ARCHIVE.name})")
     args = p.parse_args(argv)
     data_dir = Path(args.data_dir)
     if LABELS_ARCHIVE.is_file() and not args.relabel:
@@ -84,8 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     manifest = generate_distill_dataset(data_dir, workers=args.workers, limit=args.limit, **generation_options())
     out = Path(args.out_dir)
     first = train(distill_config(data_dir, out, threads=args.threads, epochs=args.epochs))
-    result = train(distill_config(data_dir, out.with_name(out.name + "-stage2"), DISTILL_STAGE2, first.final,
+    second = train(distill_config(data_dir, out.with_name(out.name + "-stage2"), DISTILL_STAGE2, first.final,
                                   threads=args.threads))
+    extra = active_round(Path(args.active_dir), data_dir, second.final, args.workers, args.relabel)
+    result = train(distill_config(data_dir, out.with_name(out.name + "-stage3"), DISTILL_STAGE3, second.final,
+                                  threads=args.threads, extra_train=[extra]))
     dest = Path(args.dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(result.final, dest)
