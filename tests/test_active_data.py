@@ -143,3 +143,18 @@ def test_stage3_config_trains_on_base_plus_round(tmp_path):
     assert cfg.train == [str(tmp_path / "data" / "train.extxyz"), str(tmp_path / "al" / "train.extxyz")]
     assert cfg.val == [str(tmp_path / "data" / "val.extxyz")]
     assert cfg.model == SMOOTH_GRAPH and not cfg.refit_normalizers and cfg.init_checkpoint == str(tmp_path / "init.pt")
+
+
+def test_committed_round_is_not_mixed_into_another_round(tmp_path):
+    """A directory that already holds a round (here: other options, unfinished) gets nothing from
+    the archive, and the new round with other options is refused with a clear error."""
+    from eqv2_calc.train.distill import active_round
+
+    out = tmp_path / "al"
+    out.mkdir()
+    (out / "manifest.json").write_text(json.dumps({"options": {"n_starts": 9}, "complete": False}))
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "manifest.json").write_text(json.dumps({"options": dd.generation_options()}))
+    with pytest.raises(InputError, match="other options"):
+        active_round(out, tmp_path / "base", shipped_checkpoint("7net"), workers=1, relabel=False)
+    assert not (out / "train.extxyz").exists() and not list(out.glob("jobs/*"))

@@ -2,7 +2,7 @@
 
 One command, seeded end to end, resumable at every stage::
 
-    python -m eqv2_calc.train.distill --threads 2                 # the shipped file: data → runs/distill-data, model → runs/distill-small{,-stage2,-stage3}
+    python -m eqv2_calc.train.distill --threads 2                 # the shipped file: data → runs/distill-data, model → runs/distill-small{,-stage2}
     python -m eqv2_calc.train.distill --limit 105 --threads 2     # a smaller run on the first 105 labelling jobs
 
 Steps:
@@ -17,11 +17,11 @@ Steps:
    scales refitted to the teacher) into ``OUT`` (``runs/distill-small``);
 3. stage 2, :data:`DISTILL_STAGE2`: the stage-1 model fine-tuned on the same data with the
    smooth graph :data:`SMOOTH_GRAPH` into ``OUT-stage2``;
-4. the active-learning round :data:`ACTIVE_ROUND` into ``--active-dir``: the committed
-   :data:`ACTIVE_ARCHIVE` unless ``--relabel``, else the stage-2 model relaxes anew;
-5. stage 3, :data:`DISTILL_STAGE3`: the stage-2 model fine-tuned on the base data plus that
-   round into ``OUT-stage3``;
-6. its ``final.pt`` (EMA weights) is copied to ``--dest``.
+4. only with ``--stage3`` (not yet evaluated, so not the shipped file): the active-learning
+   round :data:`ACTIVE_ROUND` into ``--active-dir`` (the committed :data:`ACTIVE_ARCHIVE` unless
+   ``--relabel``, else the stage-2 model relaxes anew), then stage 3, :data:`DISTILL_STAGE3`: the
+   stage-2 model fine-tuned on the base data plus that round into ``OUT-stage3``;
+5. the last stage's ``final.pt`` (EMA weights) is copied to ``--dest``.
 
 Every stage resumes from its ``resume.pt``. Evaluate with ``python benchmarks/distill_eval.py``.
 """
@@ -75,12 +75,13 @@ ACTIVE_ARCHIVE = ROOT / "data" / "active-round1-v3-b4a7c9b8.tar.xz"
 
 
 def active_round(out_dir: Path, data_dir: Path, model: Path, workers: int, relabel: bool) -> Path:
-    """The training file of the stage-3 round in ``out_dir``: the committed :data:`ACTIVE_ARCHIVE`
-    as is, unless ``relabel``; else a new round with ``model`` relaxing."""
+    """The training file (extxyz) of the stage-3 round in ``out_dir``: the committed
+    :data:`ACTIVE_ARCHIVE` as is, unless ``relabel`` or ``out_dir`` already holds a round; else
+    a new round with ``model`` relaxing (an existing round of other options is refused)."""
     from eqv2_calc.train.active_data import generate_active_dataset
 
     manifest = out_dir / "manifest.json"
-    if ACTIVE_ARCHIVE.is_file() and not relabel:
+    if ACTIVE_ARCHIVE.is_file() and not relabel and not manifest.exists():
         restore_labels(out_dir, ACTIVE_ARCHIVE, folders=("jobs", "ml", "."))
     if not (manifest.is_file() and json.loads(manifest.read_text())["complete"]):
         generate_active_dataset(out_dir, data_dir, model, workers=workers, **ACTIVE_ROUND)
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2, help="teacher processes for the data")
     p.add_argument("--threads", type=int, default=0, help="torch threads for training (0 = default)")
     p.add_argument("--epochs", type=int, default=DISTILL_SMALL["epochs"], help="epochs of stage 1")
+    p.add_argument("--stage3", action="store_true", help="also run the active-learning stage 3 (not yet evaluated)")
     p.add_argument("--relabel", action="store_true",
                    help=f"do not restore the committed labels ({LABELS_ARCHIVE.name}, {ACTIVE_ARCHIVE.name})")
     args = p.parse_args(argv)
@@ -118,11 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     manifest = generate_distill_dataset(data_dir, workers=args.workers, limit=args.limit, **generation_options())
     out = Path(args.out_dir)
     first = train(distill_config(data_dir, out, threads=args.threads, epochs=args.epochs))
-    second = train(distill_config(data_dir, out.with_name(out.name + "-stage2"), DISTILL_STAGE2, first.final,
+    result = train(distill_config(data_dir, out.with_name(out.name + "-stage2"), DISTILL_STAGE2, first.final,
                                   threads=args.threads))
-    extra = active_round(Path(args.active_dir), data_dir, second.final, args.workers, args.relabel)
-    result = train(distill_config(data_dir, out.with_name(out.name + "-stage3"), DISTILL_STAGE3, second.final,
-                                  threads=args.threads, extra_train=[extra]))
+    if args.stage3:
+        extra = active_round(Path(args.active_dir), data_dir, result.final, args.workers, args.relabel)
+        result = train(distill_config(data_dir, out.with_name(out.name + "-stage3"), DISTILL_STAGE3, result.final,
+                                      threads=args.threads, extra_train=[extra]))
     dest = Path(args.dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(result.final, dest)
