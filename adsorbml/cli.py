@@ -185,7 +185,9 @@ def _demo_models(args: argparse.Namespace) -> tuple[str, str]:
             "check only, ML and 'DFT' then agree by construction)"
         ) from None
     print(f"ML model: the shipped EquiformerV2 checkpoint ({shipped})")
-    return ("shipped" if args.toy else "shipped-7net"), Path(shipped).stem
+    # the label carries the file's hash: an updated shipped model writes a new directory
+    # instead of being refused by the store made with the old one
+    return ("shipped" if args.toy else "shipped-7net"), f"{Path(shipped).stem}-{registry.file_sha256(shipped)[:8]}"
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -282,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="E_ads of *CO, *O, *OH on Pt(111) and Cu(100): the shipped distilled model, "
                                     "SevenNet single points on the top k (--toy: EMT model and EMT as DFT)")
-    d.add_argument("--out", help="output directory (default adsorbml-demo/<model>)")
+    d.add_argument("--out", help="output directory (default adsorbml-demo/<model>-<first 8 hex digits of its sha256>)")
     d.add_argument("--per-model", action="store_true", help="put the run in <out>/<model>")
     d.add_argument("--placements", type=int, default=4, help="random placements per system (default 4)")
     d.add_argument("--k", type=int, default=5, help="DFT single points per system (default 5)")

@@ -108,6 +108,15 @@ def resolve_energy_settings(cfg: RunConfig, ml_calc: Any, dft_calc: Any | None) 
     return dataclasses.replace(cfg, references=refs, ml_energy_convention=conv)
 
 
+def model_sha256(calc: Any) -> str | None:
+    """sha256 of the checkpoint file behind an EquiformerV2 calculator (``calc.metadata``), else
+    None (a calculator without a file is identified by its name in the config alone). It is part
+    of a run's fingerprint, so a store made with one checkpoint is not resumed with another file
+    of the same name (e.g. a retrained shipped model)."""
+    meta = getattr(calc, "metadata", None)
+    return meta.get("sha256") if isinstance(meta, dict) else None
+
+
 def run_workflow(
     cfg: RunConfig,
     out_dir: str | os.PathLike,
@@ -140,7 +149,8 @@ def run_workflow(
     # the gas references (a resumed run keeps its stored ones), recorded with the run config
     previous = (store.config or {}).get("energy_scheme")
     scheme = build_scheme(cfg.references, cfg.ml_energy_convention, ml_calc, dft_calc, previous)
-    run_id = store.begin_run(dict(cfg.to_dict(), energy_scheme=scheme.to_dict()), cfg.fingerprint())
+    fingerprint = {**cfg.fingerprint(), "ml_model_sha256": model_sha256(ml_calc)}
+    run_id = store.begin_run(dict(cfg.to_dict(), energy_scheme=scheme.to_dict()), fingerprint)
     if run_id > 1:
         log(f"resuming {store.directory} (run {run_id}): finished work in {store.path.name} is kept")
     ctx = RunContext(store, run_id, cfg, progress, log, ray)

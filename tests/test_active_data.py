@@ -53,6 +53,20 @@ def test_starts_are_unused_placements_of_training_systems():
         assert new.config_id == a.info["placement"]
         np.testing.assert_array_equal(a.positions, new.atoms.positions)
 
+    # a later round skips the starts of the earlier one: start 1 of the system, named s1
+    (later,) = ad.training_starts(base, 1, limit=1, first_start=1)
+    assert (later.info["start"], later.info["start_name"]) == (1, ad.start_name(dd.system_name(*train[0]), 1))
+    assert later.info["placement"] == starts[1].info["placement"]
+    np.testing.assert_array_equal(later.positions, starts[1].positions)
+
+
+def test_first_start_is_recorded_only_when_set():
+    """Rounds made before ``first_start`` existed (the committed round 1) keep their options."""
+    assert "first_start" not in ad.active_options({}, "0", n_starts=1)
+    assert ad.active_options({}, "0", first_start=1)["first_start"] == 1
+    with pytest.raises(InputError, match="first_start must be an integer >= 0"):
+        ad.active_options({}, "0", first_start=-1)
+
 
 def test_picks_are_even_and_keep_both_ends():
     assert list(ad._picks(61, 6)) == [0, 12, 24, 36, 48, 60]

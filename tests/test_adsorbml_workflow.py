@@ -211,7 +211,7 @@ def test_demo_answers_with_the_distilled_model_and_teacher_single_points(tmp_pat
     cfg = seen["cfg"]
     assert (cfg.ml_calculator, cfg.dft_calculator, cfg.references, cfg.ground_truth) == (
         "shipped-7net", "sevennet", "dft", False)
-    assert str(seen["out"]).endswith("adsorbml-demo/eqv2-7net-small")
+    assert str(seen["out"]).endswith("adsorbml-demo/eqv2-7net-small-e3b0c442")  # sha256 of the empty file
     assert "SevenNet teacher" in capsys.readouterr().out
 
     monkeypatch.undo()
@@ -221,3 +221,27 @@ def test_demo_answers_with_the_distilled_model_and_teacher_single_points(tmp_pat
     seen.clear()
     assert main(["demo", "--quiet"]) == 2
     assert "pip install 'eqv2-calc[teacher]'" in capsys.readouterr().err and not seen
+
+
+def test_resume_refuses_another_checkpoint_under_the_same_name(tmp_path):
+    """The checkpoint's sha256 is part of the fingerprint: replacing the file (e.g. a retrained
+    shipped model) must not resume the old model's relaxations as if they were the new one's."""
+    import shutil
+
+    from adsorbml.store import StoreError
+    from adsorbml.workflow import run_workflow
+    from eqv2_calc.checkpoint import registry
+
+    model = tmp_path / "model.pt"
+    shutil.copyfile(registry.shipped_checkpoint("emt"), model)
+    cfg = RunConfig.from_dict({"slabs": ["Cu:100"], "adsorbates": ["*O"], "num_random": 1, "heuristic": False,
+                               "steps": 2, "ml_calculator": str(model), "dft_calculator": "none"})
+    kw = dict(plots=False, progress=False, log=lambda _m: None)
+    run_workflow(cfg, tmp_path / "run", **kw)
+    fp = RunStore(tmp_path / "run", create=False).metadata["fingerprint"]
+    assert fp["ml_model_sha256"] == registry.file_sha256(model)
+    assert run_workflow(cfg, tmp_path / "run", **kw).run_id == 2  # the same file resumes
+
+    shutil.copyfile(registry.shipped_checkpoint("7net"), model)
+    with pytest.raises(StoreError, match="ml_model_sha256"):
+        run_workflow(cfg, tmp_path / "run", **kw)

@@ -6,8 +6,9 @@ drifted to geometries unlike any training frame. One round of this module (DAgge
 a base data set of :mod:`eqv2_calc.train.distill_data` and a model trained on it, and does this:
 
 1. **starts**: for every *training* adsorbate system, the ``n_starts`` placements that follow
-   the ones the base data used (:func:`~eqv2_calc.train.distill_data.ordered_placements`).
-   Validation and test systems stay unseen;
+   the ones the base data used (:func:`~eqv2_calc.train.distill_data.ordered_placements`),
+   after skipping ``first_start`` (a later round, e.g. ``first_start=1`` after a round with
+   ``n_starts=1``, relaxes new starts). Validation and test systems stay unseen;
 2. **ML relaxations**: the model relaxes all starts with batched L-BFGS (fmax ``fmax`` eV/Å,
    ≤ ``steps`` steps; the AdsorbML step limit by default). It keeps ``frames`` frames evenly
    spaced over each trajectory (first and last included), with the model's view in ``info``:
@@ -46,24 +47,29 @@ from ase.io import read, write
 from eqv2_calc.errors import InputError
 from eqv2_calc.io import atomic_write, atomic_write_text
 
-ACTIVE_DEFAULTS: dict[str, Any] = dict(n_starts=2, frames=6, fmax=0.05, steps=300, save_every=5, max_force=100.0)
+ACTIVE_DEFAULTS: dict[str, Any] = dict(n_starts=2, first_start=0, frames=6, fmax=0.05, steps=300, save_every=5,
+                                       max_force=100.0)
 """Options of one round (see module docstring); ``save_every``: the trajectory is sampled
 every that many steps before the ``frames`` are picked."""
 
 
 def active_options(base: dict, checkpoint_sha256: str, **options: Any) -> dict:
     """The options of a round on base data options ``base`` with the model of that sha256
-    (recorded in ``manifest.json``; a different set in an existing directory is refused)."""
+    (recorded in ``manifest.json``; a different set in an existing directory is refused).
+    ``first_start`` is recorded only when it is not 0, so rounds made before the option existed
+    keep their recorded options."""
     unknown = set(options) - set(ACTIVE_DEFAULTS)
     if unknown:
         raise InputError(f"unknown active-learning options {sorted(unknown)}; known: {sorted(ACTIVE_DEFAULTS)}")
     opts = {**ACTIVE_DEFAULTS, **options}
-    for key, low in (("n_starts", 1), ("frames", 2), ("steps", 1), ("save_every", 1)):
+    for key, low in (("n_starts", 1), ("first_start", 0), ("frames", 2), ("steps", 1), ("save_every", 1)):
         if not isinstance(opts[key], int) or opts[key] < low:
             raise InputError(f"{key} must be an integer >= {low}, got {opts[key]!r}")
     for key in ("fmax", "max_force"):
         if not opts[key] > 0:
             raise InputError(f"{key} must be > 0 eV/Å, got {opts[key]!r}")
+    if opts["first_start"] == 0:
+        del opts["first_start"]
     return {**opts, "base": base, "checkpoint_sha256": checkpoint_sha256}
 
 
@@ -79,10 +85,10 @@ def training_systems(base: dict) -> list[tuple[str, str, str]]:
     return [j["system"] for j in job_list(base) if j["kind"] == "system" and j["split"] == "train" and j["system"][2]]
 
 
-def training_starts(base: dict, n_starts: int, limit: int | None = None) -> list[Atoms]:
-    """The new starts of the training adsorbate systems of base options ``base`` (the first
-    ``limit`` systems), in job order. ``info``: the base metadata plus ``placement``, ``start``,
-    ``start_name``."""
+def training_starts(base: dict, n_starts: int, limit: int | None = None, first_start: int = 0) -> list[Atoms]:
+    """The new starts ``first_start`` … ``first_start + n_starts − 1`` of the training adsorbate
+    systems of base options ``base`` (the first ``limit`` systems), in job order. ``info``: the
+    base metadata plus ``placement``, ``start`` (that index), ``start_name``."""
     from eqv2_calc.train.distill_data import build_slab, ordered_placements, sub_seed, system_name
 
     out = []
@@ -90,8 +96,8 @@ def training_starts(base: dict, n_starts: int, limit: int | None = None) -> list
         name = system_name(metal, facet, ads)
         rng = np.random.default_rng(sub_seed(base["seed"], name))
         placements = ordered_placements(build_slab(metal, facet), ads, name, base, rng)
-        first = base["n_initial"] + 1  # the base data used the first n_initial + 1
-        for k, p in enumerate(placements[first:first + n_starts]):
+        first = base["n_initial"] + 1 + first_start  # the base data used the first n_initial + 1
+        for k, p in enumerate(placements[first:first + n_starts], start=first_start):
             a = p.atoms.copy()
             a.info.update(system=name, metal=metal, facet=facet, adsorbate=ads, split="train",
                           placement=p.config_id, start=k, start_name=start_name(name, k))
@@ -204,7 +210,7 @@ def generate_active_dataset(out_dir: str | Path, base_dir: str | Path, checkpoin
     opts = active_options(base, calc.metadata["sha256"], **options)
     claim_directory(out, opts, "a round with other options or another model")
     t0 = time.perf_counter()
-    starts = training_starts(base, opts["n_starts"], limit)
+    starts = training_starts(base, opts["n_starts"], limit, opts.get("first_start", 0))
     relax_starts(out, starts, calc, opts, progress)
     systems = label_frames(out, starts, opts, workers, threads, progress)
     return assemble(out, systems, opts, time.perf_counter() - t0, limit)

@@ -2,7 +2,7 @@
 
 One command, seeded end to end, resumable at every stage::
 
-    python -m eqv2_calc.train.distill --threads 2                 # the shipped file: data → runs/distill-data, model → runs/distill-small{,-stage2}
+    python -m eqv2_calc.train.distill --threads 2                 # the shipped file: data → runs/distill-data, model → runs/distill-small{,-stage2,-stage3}
     python -m eqv2_calc.train.distill --limit 105 --threads 2     # a smaller run on the first 105 labelling jobs
 
 Steps:
@@ -17,11 +17,12 @@ Steps:
    scales refitted to the teacher) into ``OUT`` (``runs/distill-small``);
 3. stage 2, :data:`DISTILL_STAGE2`: the stage-1 model fine-tuned on the same data with the
    smooth graph :data:`SMOOTH_GRAPH` into ``OUT-stage2``;
-4. only with ``--stage3`` (not yet evaluated, so not the shipped file): the active-learning
-   round :data:`ACTIVE_ROUND` into ``--active-dir`` (the committed :data:`ACTIVE_ARCHIVE` unless
-   ``--relabel``, else the stage-2 model relaxes anew), then stage 3, :data:`DISTILL_STAGE3`: the
-   stage-2 model fine-tuned on the base data plus that round into ``OUT-stage3``;
-5. the last stage's ``final.pt`` (EMA weights) is copied to ``--dest``.
+4. the active-learning round :data:`ACTIVE_ROUND` into ``--active-dir`` (the committed
+   :data:`ACTIVE_ARCHIVE` unless ``--relabel``, else the stage-2 model relaxes anew), then
+   stage 3, :data:`DISTILL_STAGE3`: the stage-2 model fine-tuned on the base data plus that
+   round into ``OUT-stage3`` (``--stages 2`` stops before it, giving the earlier v3 file);
+5. the last stage's ``final.pt`` (EMA weights) is copied to ``--dest`` (the shipped v4 is
+   stage 3).
 
 Every stage resumes from its ``resume.pt``. Evaluate with ``python benchmarks/distill_eval.py``.
 """
@@ -110,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2, help="teacher processes for the data")
     p.add_argument("--threads", type=int, default=0, help="torch threads for training (0 = default)")
     p.add_argument("--epochs", type=int, default=DISTILL_SMALL["epochs"], help="epochs of stage 1")
-    p.add_argument("--stage3", action="store_true", help="also run the active-learning stage 3 (not yet evaluated)")
+    p.add_argument("--stages", type=int, choices=(2, 3), default=3,
+                   help="3 (default, the shipped v4): stages 1, 2, the active-learning round and stage 3; 2: stop after stage 2 (v3)")
     p.add_argument("--relabel", action="store_true",
                    help=f"do not restore the committed labels ({LABELS_ARCHIVE.name}, {ACTIVE_ARCHIVE.name})")
     args = p.parse_args(argv)
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     first = train(distill_config(data_dir, out, threads=args.threads, epochs=args.epochs))
     result = train(distill_config(data_dir, out.with_name(out.name + "-stage2"), DISTILL_STAGE2, first.final,
                                   threads=args.threads))
-    if args.stage3:
+    if args.stages == 3:
         extra = active_round(Path(args.active_dir), data_dir, result.final, args.workers, args.relabel)
         result = train(distill_config(data_dir, out.with_name(out.name + "-stage3"), DISTILL_STAGE3, result.final,
                                       threads=args.threads, extra_train=[extra]))
