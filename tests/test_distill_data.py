@@ -6,6 +6,12 @@ the SevenNet teacher itself is checked once through its calculator spec."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -117,8 +123,6 @@ def test_generation_resumes_and_is_deterministic(tmp_path, emt_teacher, monkeypa
 
 
 def test_teacher_errors_are_clear(monkeypatch):
-    import sys
-
     from eqv2_calc.train.teacher import make_teacher
 
     with pytest.raises(InputError, match="7net-0, 7net-l3i5"):
@@ -126,6 +130,57 @@ def test_teacher_errors_are_clear(monkeypatch):
     monkeypatch.setitem(sys.modules, "sevenn.calculator", None)
     with pytest.raises(InputError, match=r"pip install 'eqv2-calc\[teacher\]'"):
         make_teacher()
+    # with worker processes too: refused before the pool starts (a failing initializer respawns forever)
+    with pytest.raises(InputError, match=r"pip install 'eqv2-calc\[teacher\]'"):
+        dd.run_teacher_jobs([1.0], time.sleep, print, "7net-0", workers=2, threads=1, bar=None)
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (exited, not yet reaped)."""
+    try:
+        return "\tZ" not in next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                                  if line.startswith("State:"))
+    except (OSError, StopIteration):
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads parent pids from /proc (Linux)")
+def test_teacher_workers_exit_when_the_labelling_process_is_killed():
+    """A SIGTERM to the labelling process alone (not its process group) ends its teacher workers
+    too, instead of leaving them labelling on."""
+    pytest.importorskip("sevenn")
+    script = ("import time\nfrom eqv2_calc.train.distill_data import run_teacher_jobs\n"
+              "run_teacher_jobs([600.0, 600.0], time.sleep, print, '7net-0', workers=2, threads=1, bar=None)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+
+    def workers() -> set[int]:
+        pids = set()
+        for status in Path("/proc").glob("[0-9]*/status"):
+            try:
+                ppid = next(line.split()[1] for line in status.read_text().splitlines() if line.startswith("PPid:"))
+                spawned = b"spawn_main" in (status.parent / "cmdline").read_bytes()
+            except (OSError, StopIteration):
+                continue
+            if ppid == str(parent.pid) and spawned:
+                pids.add(int(status.parent.name))
+        return pids
+
+    try:
+        deadline = time.monotonic() + 120
+        while len(pool := workers()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(pool) == 2, "the pool did not start"
+        parent.send_signal(signal.SIGTERM)
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 60
+        while (alive := {w for w in pool if _running(w)}) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not alive, f"teacher workers {sorted(alive)} outlived the labelling process"
+    finally:
+        try:
+            os.killpg(parent.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def test_sevennet_spec_is_the_teacher():

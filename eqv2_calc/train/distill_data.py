@@ -30,9 +30,9 @@ relaxation paths). Clean slabs and molecules go to training.
 
 Resumable: each system is one job written atomically to ``OUT/jobs/<name>.extxyz`` (+ ``.json``)
 as soon as it is labelled; a killed run skips finished jobs. ``OUT/manifest.json`` records the
-options; the assembled split files are rewritten at the end. Stop a run with Ctrl-C or by
-signalling its whole process group (``kill -- -PGID``): a SIGTERM to the parent alone leaves its
-spawned workers labelling on (their results are then discarded). Deterministic for fixed options
+options; the assembled split files are rewritten at the end. Stop a run with Ctrl-C or a
+SIGTERM to the parent: its spawned workers notice within a second that the parent is gone and
+exit (their unfinished jobs are done by the next run). Deterministic for fixed options
 and teacher (the number of worker processes does not change the output).
 
 Command line::
@@ -46,6 +46,8 @@ import argparse
 import hashlib
 import json
 import multiprocessing
+import os
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -139,6 +141,20 @@ def _init_worker(teacher: str, threads: int) -> None:
 
     torch.set_num_threads(threads)
     _TEACHER = make_teacher(teacher)
+
+
+def _exit_with(parent: int) -> None:
+    """Poll once a second; end this process as soon as ``parent`` is no longer its parent."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def _init_pool_worker(teacher: str, threads: int, parent: int) -> None:
+    """:func:`_init_worker` in a pool process of ``parent``; the process also exits once
+    ``parent`` is gone (a pool's workers would otherwise outlive a SIGTERM or SIGKILL to it)."""
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="exit-with-parent").start()
+    _init_worker(teacher, threads)
 
 
 def label(atoms: Atoms, **info) -> Atoms:
@@ -295,8 +311,11 @@ def run_teacher_jobs(jobs: Sequence[dict], run: Callable[[dict], dict], done: Ca
     if not jobs:
         return
     if workers > 1:
+        from eqv2_calc.train.teacher import require_teacher
+
+        require_teacher(teacher)  # else a pool whose initializer fails respawns its workers forever
         ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(workers, initializer=_init_worker, initargs=(teacher, threads)) as pool:
+        with ctx.Pool(workers, initializer=_init_pool_worker, initargs=(teacher, threads, os.getpid())) as pool:
             for res in pool.imap_unordered(run, jobs):
                 done(res)
                 bar.update()

@@ -19,7 +19,7 @@ from typing import Any
 
 from eqv2_calc.errors import InputError
 
-__all__ = ["DEFAULT_TEACHER", "TEACHER_INSTALL_HINT", "TEACHER_VARIANTS", "SevenNet", "make_teacher"]
+__all__ = ["DEFAULT_TEACHER", "TEACHER_INSTALL_HINT", "TEACHER_VARIANTS", "SevenNet", "make_teacher", "require_teacher"]
 
 TEACHER_VARIANTS: tuple[str, ...] = ("7net-0", "7net-l3i5")
 """SevenNet models whose weights are inside the ``sevenn`` wheel (no download)."""
@@ -30,16 +30,24 @@ DEFAULT_TEACHER = "7net-l3i5"
 TEACHER_INSTALL_HINT = "install the teacher with: pip install 'eqv2-calc[teacher]'  (or: pip install sevenn)"
 
 
+def require_teacher(variant: str = DEFAULT_TEACHER) -> None:
+    """Raise :class:`~eqv2_calc.errors.InputError` for an unknown ``variant`` or a missing
+    ``sevenn``, without loading a model (a check before starting teacher processes)."""
+    if variant not in TEACHER_VARIANTS:
+        raise InputError(f"unknown teacher {variant!r}; the offline SevenNet variants are {', '.join(TEACHER_VARIANTS)}")
+    try:
+        import sevenn.calculator  # noqa: F401
+    except ImportError as e:
+        raise InputError(f"the SevenNet teacher needs the 'sevenn' package ({e}); {TEACHER_INSTALL_HINT}") from None
+
+
 def make_teacher(variant: str = DEFAULT_TEACHER, device: str = "cpu") -> Any:
     """A SevenNet ASE calculator (energy eV, forces eV/Å, stress eV/Å³) for ``variant``.
 
     Raises :class:`~eqv2_calc.errors.InputError` for an unknown variant or a missing ``sevenn``."""
-    if variant not in TEACHER_VARIANTS:
-        raise InputError(f"unknown teacher {variant!r}; the offline SevenNet variants are {', '.join(TEACHER_VARIANTS)}")
-    try:
-        from sevenn.calculator import SevenNetCalculator
-    except ImportError as e:
-        raise InputError(f"the SevenNet teacher needs the 'sevenn' package ({e}); {TEACHER_INSTALL_HINT}") from None
+    require_teacher(variant)
+    from sevenn.calculator import SevenNetCalculator
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "no tensor-product accelerator" on CPU: expected
         return SevenNetCalculator(variant, device=device)
