@@ -19,6 +19,7 @@ import eqv2_calc.train.distill_data as dd
 from eqv2_calc.calculator import EquiformerV2Calculator
 from eqv2_calc.checkpoint.registry import shipped_checkpoint
 from eqv2_calc.errors import CheckpointError, InputError
+from eqv2_calc.train.distill import ACTIVE_ROUNDS
 
 
 @pytest.fixture
@@ -130,31 +131,42 @@ def test_bad_input_is_explained(tmp_path):
         ad.generate_active_dataset(tmp_path / "al", tmp_path, tmp_path / "missing.pt")
 
 
-def test_committed_round_restores_complete_and_holds_training_systems_only(tmp_path):
-    """Stage 3 of the distilled model trains on the committed round as is: restoring it gives a
-    complete round (no model is loaded: the path below does not exist), every frame labelled,
-    and no validation or test system in it."""
-    from eqv2_calc.train.distill import ACTIVE_ARCHIVE, active_round
+@pytest.mark.parametrize("spec", ACTIVE_ROUNDS, ids=[r.name for r in ACTIVE_ROUNDS])
+def test_committed_round_restores_complete_and_holds_training_systems_only(tmp_path, spec):
+    """The stages after the active-learning rounds train on the committed rounds as they are:
+    restoring one gives a complete round of its declared options (no model is loaded: the path
+    below does not exist), every frame labelled, no validation or test system in it, and only
+    the round's own starts."""
+    from eqv2_calc.train.distill import active_round
 
-    assert ACTIVE_ARCHIVE.is_file()
-    train_file = active_round(tmp_path / "al", tmp_path / "no-base", tmp_path / "no-model.pt", workers=1, relabel=False)
+    assert spec.archive.is_file()
+    train_file = active_round(tmp_path / "al", spec, tmp_path / "no-base", tmp_path / "no-model.pt", workers=1,
+                              relabel=False)
     manifest = json.loads((tmp_path / "al" / "manifest.json").read_text())
     frames = read(train_file, index=":")
     assert manifest["complete"] and len(frames) == manifest["frames"] > 0
-    split = {dd.system_name(*j["system"]): j["split"] for j in dd.job_list(manifest["options"]["base"])
-             if j["kind"] == "system"}
+    base = manifest["options"]["base"]
+    assert manifest["options"] == ad.active_options(base, manifest["options"]["checkpoint_sha256"], **spec.options)
+    split = {dd.system_name(*j["system"]): j["split"] for j in dd.job_list(base) if j["kind"] == "system"}
     assert {split[f.info["system"]] for f in frames} == {"train"}
     assert {"val", "test"} <= set(split.values())
     assert {f.info["kind"] for f in frames} == {"ml-path"}
+    first = spec.options.get("first_start", 0)
+    assert {f.info["start"] for f in frames} == set(range(first, first + spec.options["n_starts"]))
     assert all(np.isfinite(f.get_forces()).all() and np.abs(f.get_forces()).max() <= 100.0 for f in frames)
 
 
-def test_stage3_config_trains_on_base_plus_round(tmp_path):
+def test_rounds_relax_disjoint_starts_and_each_stage_trains_on_all_rounds_so_far(tmp_path):
     from eqv2_calc.train.distill import DISTILL_STAGE3, SMOOTH_GRAPH, distill_config
 
-    cfg = distill_config(tmp_path / "data", tmp_path / "out", DISTILL_STAGE3, tmp_path / "init.pt",
-                         extra_train=[tmp_path / "al" / "train.extxyz"])
-    assert cfg.train == [str(tmp_path / "data" / "train.extxyz"), str(tmp_path / "al" / "train.extxyz")]
+    starts = [set(range(r.options.get("first_start", 0), r.options.get("first_start", 0) + r.options["n_starts"]))
+              for r in ACTIVE_ROUNDS]
+    assert all(not (a & b) for i, a in enumerate(starts) for b in starts[i + 1:])
+    assert ACTIVE_ROUNDS[0].stage == DISTILL_STAGE3
+    rounds = [tmp_path / r.name / "train.extxyz" for r in ACTIVE_ROUNDS]
+    cfg = distill_config(tmp_path / "data", tmp_path / "out", ACTIVE_ROUNDS[-1].stage, tmp_path / "init.pt",
+                         extra_train=rounds)
+    assert cfg.train == [str(tmp_path / "data" / "train.extxyz"), *map(str, rounds)]
     assert cfg.val == [str(tmp_path / "data" / "val.extxyz")]
     assert cfg.model == SMOOTH_GRAPH and not cfg.refit_normalizers and cfg.init_checkpoint == str(tmp_path / "init.pt")
 
@@ -170,5 +182,6 @@ def test_committed_round_is_not_mixed_into_another_round(tmp_path):
     (tmp_path / "base").mkdir()
     (tmp_path / "base" / "manifest.json").write_text(json.dumps({"options": dd.generation_options()}))
     with pytest.raises(InputError, match="other options"):
-        active_round(out, tmp_path / "base", shipped_checkpoint("7net"), workers=1, relabel=False)
+        active_round(out, ACTIVE_ROUNDS[0], tmp_path / "base", shipped_checkpoint("7net"), workers=1,
+                     relabel=False)
     assert not (out / "train.extxyz").exists() and not list(out.glob("jobs/*"))

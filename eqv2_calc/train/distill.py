@@ -2,7 +2,7 @@
 
 One command, seeded end to end, resumable at every stage::
 
-    python -m eqv2_calc.train.distill --threads 2                 # the shipped file: data → runs/distill-data, model → runs/distill-small{,-stage2,-stage3}
+    python -m eqv2_calc.train.distill --threads 2                 # the shipped file: data → runs/distill-data, model → runs/distill-small{,-stage2,-stage3,-stage4}
     python -m eqv2_calc.train.distill --limit 105 --threads 2     # a smaller run on the first 105 labelling jobs
 
 Steps:
@@ -17,12 +17,13 @@ Steps:
    scales refitted to the teacher) into ``OUT`` (``runs/distill-small``);
 3. stage 2, :data:`DISTILL_STAGE2`: the stage-1 model fine-tuned on the same data with the
    smooth graph :data:`SMOOTH_GRAPH` into ``OUT-stage2``;
-4. the active-learning round :data:`ACTIVE_ROUND` into ``--active-dir`` (the committed
-   :data:`ACTIVE_ARCHIVE` unless ``--relabel``, else the stage-2 model relaxes anew), then
-   stage 3, :data:`DISTILL_STAGE3`: the stage-2 model fine-tuned on the base data plus that
-   round into ``OUT-stage3`` (``--stages 2`` stops before it, giving the earlier v3 file);
-5. the last stage's ``final.pt`` (EMA weights) is copied to ``--dest`` (the shipped v4 is
-   stage 3).
+4. the active-learning rounds :data:`ACTIVE_ROUNDS`, each followed by a fine-tuning stage:
+   round k (in ``<OUT's folder>/<round name>``: the committed archive unless ``--relabel``, else
+   the previous stage's model relaxes anew) gives teacher frames along the latest model's own
+   relaxations, and stage k + 2 fine-tunes that model on the base data plus rounds 1..k into
+   ``OUT-stage<k+2>``. ``--stages N`` stops after stage N (default :data:`SHIPPED_STAGES`):
+   2 gives v3, 3 gives v4, 4 adds round 2 and stage 4;
+5. the last stage's ``final.pt`` (EMA weights) is copied to ``--dest``.
 
 Every stage resumes from its ``resume.pt``. Evaluate with ``python benchmarks/distill_eval.py``.
 """
@@ -33,6 +34,7 @@ import argparse
 import json
 import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from eqv2_calc.checkpoint.registry import SHIPPED_MODELS
@@ -64,35 +66,61 @@ DISTILL_STAGE2: dict = {
 """Stage 2: the stage-1 model fine-tuned on the same data with :data:`SMOOTH_GRAPH`."""
 
 DISTILL_STAGE3: dict = {**DISTILL_STAGE2, "epochs": 4, "lr": 3e-4}
-"""Stage 3: the stage-2 model fine-tuned on the base data plus one active-learning round
+"""Stage 3: the stage-2 model fine-tuned on the base data plus active-learning round 1
 (:mod:`eqv2_calc.train.active_data`: teacher labels along the stage-2 model's own relaxations)."""
 
-ACTIVE_ROUND: dict = dict(n_starts=1)
-"""Options of the active-learning round of stage 3 (the rest: ``ACTIVE_DEFAULTS``)."""
-
-ACTIVE_ARCHIVE = ROOT / "data" / "active-round1-v3-b4a7c9b8.tar.xz"
-"""The committed round, made by the stage-2 model of sha256 ``b4a7c9b8…`` (eqv2-7net-small v3):
-113 relaxations, 671 teacher frames (~30 min of work on 2 cores)."""
+DISTILL_STAGE4: dict = {**DISTILL_STAGE3, "epochs": 3}
+"""Stage 4: the stage-3 model fine-tuned on the base data plus rounds 1 and 2 (round 2: the
+stage-3 model's relaxations from two new starts per system), 3 epochs."""
 
 
-def active_round(out_dir: Path, data_dir: Path, model: Path, workers: int, relabel: bool) -> Path:
-    """The training file (extxyz) of the stage-3 round in ``out_dir``: the committed
-    :data:`ACTIVE_ARCHIVE` as is, unless ``relabel`` or ``out_dir`` already holds a round; else
-    a new round with ``model`` relaxing (an existing round of other options is refused)."""
+@dataclass(frozen=True)
+class ActiveRound:
+    """An active-learning round and the fine-tuning stage that follows it."""
+
+    name: str
+    """Its directory, next to the stage-1 output directory (``runs/<name>``)."""
+    archive: Path
+    """The committed round (``jobs/``, ``ml/``, ``manifest.json``, ``train.extxyz``)."""
+    options: dict
+    """Options of :func:`~eqv2_calc.train.active_data.generate_active_dataset` (the rest:
+    ``ACTIVE_DEFAULTS``). Rounds use disjoint starts (``first_start``, ``n_starts``)."""
+    stage: dict
+    """TrainConfig fields of the stage trained after it."""
+
+
+ACTIVE_ROUNDS: tuple[ActiveRound, ...] = (
+    ActiveRound("distill-al1-v3", ROOT / "data" / "active-round1-v3-b4a7c9b8.tar.xz", dict(n_starts=1),
+                DISTILL_STAGE3),
+    ActiveRound("distill-al2-v4", ROOT / "data" / "active-round2-v4-0bfa6536.tar.xz",
+                dict(n_starts=2, first_start=1), DISTILL_STAGE4),
+)
+"""The rounds, in order. Round 1 was made by the stage-2 model (v3, sha256 ``b4a7c9b8…``):
+113 relaxations, 671 teacher frames (~30 min on 2 cores); round 2 by the stage-3 model (v4,
+sha256 ``0bfa6536…``): 226 relaxations, 1,325 teacher frames (~51 min)."""
+
+SHIPPED_STAGES = 3
+"""The stage whose model is shipped (``checkpoints/eqv2-7net-small.pt``, v4)."""
+
+
+def active_round(out_dir: Path, spec: ActiveRound, data_dir: Path, model: Path, workers: int, relabel: bool) -> Path:
+    """The training file (extxyz) of round ``spec`` in ``out_dir``: its committed archive as is,
+    unless ``relabel`` or ``out_dir`` already holds a round; else a new round with ``model``
+    relaxing (an existing round of other options is refused)."""
     from eqv2_calc.train.active_data import generate_active_dataset
 
     manifest = out_dir / "manifest.json"
-    if ACTIVE_ARCHIVE.is_file() and not relabel and not manifest.exists():
-        restore_labels(out_dir, ACTIVE_ARCHIVE, folders=("jobs", "ml", "."))
+    if spec.archive.is_file() and not relabel and not manifest.exists():
+        restore_labels(out_dir, spec.archive, folders=("jobs", "ml", "."))
     if not (manifest.is_file() and json.loads(manifest.read_text())["complete"]):
-        generate_active_dataset(out_dir, data_dir, model, workers=workers, **ACTIVE_ROUND)
+        generate_active_dataset(out_dir, data_dir, model, workers=workers, **spec.options)
     return out_dir / "train.extxyz"
 
 
 def distill_config(data_dir: Path, out_dir: Path, stage: dict = DISTILL_SMALL, init: Path = INIT,
                    extra_train: Sequence[Path] = (), **overrides) -> TrainConfig:
-    """The :class:`TrainConfig` of a stage (:data:`DISTILL_SMALL`, :data:`DISTILL_STAGE2`,
-    :data:`DISTILL_STAGE3`) for data in ``data_dir`` plus training files ``extra_train``,
+    """The :class:`TrainConfig` of a stage (:data:`DISTILL_SMALL`, :data:`DISTILL_STAGE2`, or an
+    :class:`ActiveRound`'s) for data in ``data_dir`` plus training files ``extra_train``,
     fine-tuning ``init``."""
     return TrainConfig.from_dict({
         **stage, "train": [str(p) for p in (data_dir / "train.extxyz", *extra_train)],
@@ -105,16 +133,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m eqv2_calc.train.distill", description=__doc__.split("\n")[0])
     p.add_argument("--data-dir", default=str(ROOT / "runs" / "distill-data"))
     p.add_argument("--out-dir", default=str(ROOT / "runs" / "distill-small"))
-    p.add_argument("--active-dir", default=str(ROOT / "runs" / "distill-al1-v3"), help="the active-learning round")
     p.add_argument("--dest", default=str(DEFAULT_DEST), help="where to copy the final checkpoint")
     p.add_argument("--limit", type=int, help="label only the first N jobs (see distill_data)")
     p.add_argument("--workers", type=int, default=2, help="teacher processes for the data")
     p.add_argument("--threads", type=int, default=0, help="torch threads for training (0 = default)")
     p.add_argument("--epochs", type=int, default=DISTILL_SMALL["epochs"], help="epochs of stage 1")
-    p.add_argument("--stages", type=int, choices=(2, 3), default=3,
-                   help="3 (default, the shipped v4): stages 1, 2, the active-learning round and stage 3; 2: stop after stage 2 (v3)")
+    p.add_argument("--stages", type=int, choices=range(2, 3 + len(ACTIVE_ROUNDS)), default=SHIPPED_STAGES,
+                   help=f"the last stage (default {SHIPPED_STAGES}, the shipped file): 2 gives v3, 3 gives v4 "
+                        "(round 1 + stage 3), 4 adds round 2 + stage 4")
     p.add_argument("--relabel", action="store_true",
-                   help=f"do not restore the committed labels ({LABELS_ARCHIVE.name}, {ACTIVE_ARCHIVE.name})")
+                   help="do not restore the committed labels (data/*.tar.xz): the teacher labels everything anew")
     args = p.parse_args(argv)
     data_dir = Path(args.data_dir)
     if LABELS_ARCHIVE.is_file() and not args.relabel:
@@ -124,10 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     first = train(distill_config(data_dir, out, threads=args.threads, epochs=args.epochs))
     result = train(distill_config(data_dir, out.with_name(out.name + "-stage2"), DISTILL_STAGE2, first.final,
                                   threads=args.threads))
-    if args.stages == 3:
-        extra = active_round(Path(args.active_dir), data_dir, result.final, args.workers, args.relabel)
-        result = train(distill_config(data_dir, out.with_name(out.name + "-stage3"), DISTILL_STAGE3, result.final,
-                                      threads=args.threads, extra_train=[extra]))
+    extra: list[Path] = []
+    for k, spec in enumerate(ACTIVE_ROUNDS[:args.stages - 2], start=3):
+        extra.append(active_round(out.parent / spec.name, spec, data_dir, result.final, args.workers, args.relabel))
+        result = train(distill_config(data_dir, out.with_name(f"{out.name}-stage{k}"), spec.stage, result.final,
+                                      threads=args.threads, extra_train=extra))
     dest = Path(args.dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(result.final, dest)
