@@ -5,6 +5,7 @@ the SevenNet teacher itself is checked once through its calculator spec."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -176,11 +177,9 @@ def test_teacher_workers_exit_when_the_labelling_process_is_killed():
         while (alive := {w for w in pool if _running(w)}) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not alive, f"teacher workers {sorted(alive)} outlived the labelling process"
-    finally:
-        try:
+    finally:  # whatever happened: no process of the test's session survives it
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(parent.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def test_sevennet_spec_is_the_teacher():
