@@ -57,6 +57,34 @@ def test_systems_cover_every_surface_and_split_by_system():
         dd.systems(0, 0)
 
 
+def test_complement_is_the_rest_of_every_surface_all_for_training():
+    """The complement adds the adsorbates the seeded choice left out: together with the base
+    systems it covers every (surface, adsorbate) once, so no validation or test combination of the
+    base data is trained on, and its jobs are adsorbate systems only, all for training."""
+    base, more = dd.systems(0, 5), dd.systems(0, 5, complement=True)
+    every = {(m, dd.facet_name(h), a) for m, hs in dd.SURFACES.items() for h in hs for a in dd.ADSORBATES}
+    assert not set(base) & set(more) and set(base) | set(more) == every and len(more) == len(base)
+    opts = dd.generation_options(complement=True, n_initial=10, n_rattle=4, path_frames=0)
+    jobs = dd.job_list(opts)
+    assert {j["kind"] for j in jobs} == {"system"} and {j["split"] for j in jobs} == {"train"}
+    assert sorted(j["system"] for j in jobs) == sorted(more)
+    assert "complement" not in dd.generation_options()  # the base data's recorded options are unchanged
+    with pytest.raises(InputError, match="complement needs ads_per_surface < 10"):
+        dd.generation_options(complement=True, ads_per_surface=10)
+    with pytest.raises(InputError, match="n_initial must be an integer >= 1"):
+        dd.generation_options(n_initial=0)
+
+
+def test_job_without_path_frames_labels_starts_only(emt_teacher):
+    opts = dd.generation_options(complement=True, n_initial=4, n_rattle=2, path_frames=0, num_random=5)
+    res = dd._run_job({"kind": "system", "options": opts, "system": ("Cu", "100", "*OH"), "split": "train"})
+    assert [f.info["kind"] for f in res["frames"]] == ["initial"] * 4 + ["rattle"] * 2
+    assert res["relaxation"] is None and res["steps"] == 0
+    with pytest.raises(InputError, match="fewer than n_initial"):
+        dd._run_job({"kind": "system", "options": {**opts, "n_initial": 40}, "system": ("Cu", "100", "*OH"),
+                     "split": "train"})
+
+
 def test_job_order_interleaves_metals():
     names = dd.job_names(dd.generation_options())
     assert names[0] == "gas" and all(n.endswith("-clean") for n in names[1:31])
@@ -211,3 +239,23 @@ def test_committed_labels_restore_into_a_data_dir(tmp_path):
         meta = json.loads((tmp_path / "jobs" / f"{name}.json").read_text())
         assert len(read(tmp_path / "jobs" / f"{name}.extxyz", index=":")) == meta["frames"]
     assert dd.restore_labels(tmp_path) == 0  # nothing missing any more
+
+
+def test_committed_complement_restores_complete_training_systems_only(tmp_path):
+    """Stage 4 trains on the committed complement labels as they are: restoring them gives every
+    job of its declared options finished (no teacher is loaded), only training frames of
+    systems outside the base data, and the frame counts its options imply."""
+    from eqv2_calc.train.distill import COMPLEMENT, more_systems
+
+    assert COMPLEMENT.archive.is_file()
+    train_file = more_systems(tmp_path / "more", COMPLEMENT, workers=1, relabel=False)
+    manifest = json.loads((tmp_path / "more" / "manifest.json").read_text())
+    opts = dd.generation_options(**COMPLEMENT.options)
+    assert manifest["complete"] and manifest["options"] == opts
+    frames = read(train_file, index=":")
+    base = {dd.system_name(*s) for s in dd.systems(opts["seed"], opts["ads_per_surface"])}
+    per_system = opts["n_initial"] + opts["n_rattle"]
+    assert len(frames) == manifest["frames"]["train"] == per_system * len(dd.job_list(opts))
+    assert sum(manifest["frames"].values()) == len(frames) and not {f.info["system"] for f in frames} & base
+    assert {f.info["split"] for f in frames} == {"train"} and {f.info["kind"] for f in frames} == {"initial", "rattle"}
+    assert all(np.isfinite(f.get_forces()).all() for f in frames)

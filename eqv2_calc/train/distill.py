@@ -21,8 +21,9 @@ Steps:
    round k (in ``<OUT's folder>/<round name>``: the committed archive unless ``--relabel``, else
    the previous stage's model relaxes anew) gives teacher frames along the latest model's own
    relaxations, and stage k + 2 fine-tunes that model on the base data plus rounds 1..k into
-   ``OUT-stage<k+2>``. ``--stages N`` stops after stage N (default :data:`SHIPPED_STAGES`):
-   2 gives v3, 3 gives v4, 4 adds round 2 and stage 4;
+   ``OUT-stage<k+2>``; a round can bring more training systems (:class:`MoreSystems`, labelled
+   like the base data), which that stage and the later ones train on too. ``--stages N`` stops after stage N (default :data:`SHIPPED_STAGES`):
+   2 gives v3, 3 gives v4, 4 adds round 2, :data:`COMPLEMENT` and stage 4;
 5. the last stage's ``final.pt`` (EMA weights) is copied to ``--dest``.
 
 Every stage resumes from its ``resume.pt``. Evaluate with ``python benchmarks/distill_eval.py``.
@@ -71,7 +72,28 @@ DISTILL_STAGE3: dict = {**DISTILL_STAGE2, "epochs": 4, "lr": 3e-4}
 
 DISTILL_STAGE4: dict = {**DISTILL_STAGE3, "epochs": 3}
 """Stage 4: the stage-3 model fine-tuned on the base data plus rounds 1 and 2 (round 2: the
-stage-3 model's relaxations from two new starts per system), 3 epochs."""
+stage-3 model's relaxations from two new starts per system) and :data:`COMPLEMENT` (150 more
+training systems), 3 epochs."""
+
+
+@dataclass(frozen=True)
+class MoreSystems:
+    """Teacher labels of more training systems: :mod:`~eqv2_calc.train.distill_data` with
+    ``complement=True`` (the adsorbates the base data's choice left out on every surface)."""
+
+    name: str
+    """Its directory, next to the stage-1 output directory (``runs/<name>``)."""
+    archive: Path
+    """The committed labels (``jobs/``)."""
+    options: dict
+    """Arguments of :func:`~eqv2_calc.train.distill_data.generation_options` (the rest: defaults,
+    i.e. the base data's seed and choice of adsorbates)."""
+
+
+COMPLEMENT = MoreSystems("distill-complement", ROOT / "data" / "distill-complement-7net-l3i5-seed0.tar.xz",
+                         dict(complement=True, n_initial=10, n_rattle=4, path_frames=0))
+"""The other 5 adsorbates of each of the 30 surfaces (150 systems, none of them a validation or
+test combination): 10 AdsorbML starts and 4 rattled copies each, no teacher relaxation."""
 
 
 @dataclass(frozen=True)
@@ -87,13 +109,15 @@ class ActiveRound:
     ``ACTIVE_DEFAULTS``). Rounds use disjoint starts (``first_start``, ``n_starts``)."""
     stage: dict
     """TrainConfig fields of the stage trained after it."""
+    systems: tuple[MoreSystems, ...] = ()
+    """More training systems that this stage (and every later one) also trains on."""
 
 
 ACTIVE_ROUNDS: tuple[ActiveRound, ...] = (
     ActiveRound("distill-al1-v3", ROOT / "data" / "active-round1-v3-b4a7c9b8.tar.xz", dict(n_starts=1),
                 DISTILL_STAGE3),
     ActiveRound("distill-al2-v4", ROOT / "data" / "active-round2-v4-0bfa6536.tar.xz",
-                dict(n_starts=2, first_start=1), DISTILL_STAGE4),
+                dict(n_starts=2, first_start=1), DISTILL_STAGE4, systems=(COMPLEMENT,)),
 )
 """The rounds, in order. Round 1 was made by the stage-2 model (v3, sha256 ``b4a7c9b8…``):
 113 relaxations, 671 teacher frames (~30 min on 2 cores); round 2 by the stage-3 model (v4,
@@ -114,6 +138,15 @@ def active_round(out_dir: Path, spec: ActiveRound, data_dir: Path, model: Path, 
         restore_labels(out_dir, spec.archive, folders=("jobs", "ml", "."))
     if not (manifest.is_file() and json.loads(manifest.read_text())["complete"]):
         generate_active_dataset(out_dir, data_dir, model, workers=workers, **spec.options)
+    return out_dir / "train.extxyz"
+
+
+def more_systems(out_dir: Path, spec: MoreSystems, workers: int, relabel: bool) -> Path:
+    """The training file (extxyz) of ``spec`` in ``out_dir``: its committed labels restored
+    (unless ``relabel``), the missing ones labelled by the teacher."""
+    if spec.archive.is_file() and not relabel:
+        restore_labels(out_dir, spec.archive)
+    generate_distill_dataset(out_dir, workers=workers, **generation_options(**spec.options))
     return out_dir / "train.extxyz"
 
 
@@ -140,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=DISTILL_SMALL["epochs"], help="epochs of stage 1")
     p.add_argument("--stages", type=int, choices=range(2, 3 + len(ACTIVE_ROUNDS)), default=SHIPPED_STAGES,
                    help=f"the last stage (default {SHIPPED_STAGES}, the shipped file): 2 gives v3, 3 gives v4 "
-                        "(round 1 + stage 3), 4 adds round 2 + stage 4")
+                        "(round 1 + stage 3), 4 adds round 2 + 150 more systems + stage 4")
     p.add_argument("--relabel", action="store_true",
                    help="do not restore the committed labels (data/*.tar.xz): the teacher labels everything anew")
     args = p.parse_args(argv)
@@ -155,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     extra: list[Path] = []
     for k, spec in enumerate(ACTIVE_ROUNDS[:args.stages - 2], start=3):
         extra.append(active_round(out.parent / spec.name, spec, data_dir, result.final, args.workers, args.relabel))
+        extra += [more_systems(out.parent / m.name, m, args.workers, args.relabel) for m in spec.systems]
         result = train(distill_config(data_dir, out.with_name(f"{out.name}-stage{k}"), spec.stage, result.final,
                                       threads=args.threads, extra_train=extra))
     dest = Path(args.dest)

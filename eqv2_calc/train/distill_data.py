@@ -80,10 +80,26 @@ MOLECULE_BOX = 20.0
 def generation_options(
     seed: int = 0, teacher: str = DEFAULT_TEACHER, ads_per_surface: int = 5, n_initial: int = 6, n_rattle: int = 3,
     path_frames: int = 10, relax_fmax: float = 0.05, relax_steps: int = 60, num_random: int = 20,
+    complement: bool = False,
 ) -> dict:
-    """The options that determine a data set (recorded in ``manifest.json``)."""
-    return dict(seed=seed, teacher=teacher, ads_per_surface=ads_per_surface, n_initial=n_initial, n_rattle=n_rattle,
+    """The options that determine a data set (recorded in ``manifest.json``).
+
+    ``complement``: label the systems that the ``ads_per_surface`` choice of ``seed`` leaves
+    out (the other adsorbates of every surface), all for training, without gas molecules and
+    clean slabs: more training systems for the data set of the same ``seed`` and
+    ``ads_per_surface`` whose split, and held-out systems, stay as they are. It is recorded
+    only when set, so data made before the option existed keep their recorded options.
+    ``path_frames=0``: no teacher relaxation (initial and rattled frames only)."""
+    counts = dict(ads_per_surface=(ads_per_surface, 1), n_initial=(n_initial, 1), n_rattle=(n_rattle, 0),
+                  path_frames=(path_frames, 0), relax_steps=(relax_steps, 1), num_random=(num_random, 0))
+    for key, (value, low) in counts.items():
+        if not isinstance(value, int) or value < low:
+            raise InputError(f"{key} must be an integer >= {low}, got {value!r}")
+    if complement and ads_per_surface >= len(ADSORBATES):
+        raise InputError(f"complement needs ads_per_surface < {len(ADSORBATES)} (else no system is left out)")
+    opts = dict(seed=seed, teacher=teacher, ads_per_surface=ads_per_surface, n_initial=n_initial, n_rattle=n_rattle,
                 path_frames=path_frames, relax_fmax=relax_fmax, relax_steps=relax_steps, num_random=num_random)
+    return {**opts, "complement": True} if complement else opts
 
 
 def sub_seed(seed: int, *parts: str) -> int:
@@ -96,9 +112,9 @@ def facet_name(miller: Sequence[int]) -> str:
     return "".join(str(int(x)) for x in miller)
 
 
-def systems(seed: int = 0, ads_per_surface: int = 5) -> list[tuple[str, str, str]]:
+def systems(seed: int = 0, ads_per_surface: int = 5, complement: bool = False) -> list[tuple[str, str, str]]:
     """(metal, facet, adsorbate) of every adsorbate system: per surface a seeded choice of
-    ``ads_per_surface`` of :data:`ADSORBATES` (fixed order)."""
+    ``ads_per_surface`` of :data:`ADSORBATES` (fixed order); ``complement``: the others."""
     if not 1 <= ads_per_surface <= len(ADSORBATES):
         raise InputError(f"ads_per_surface must be in 1..{len(ADSORBATES)}, got {ads_per_surface}")
     out = []
@@ -106,8 +122,8 @@ def systems(seed: int = 0, ads_per_surface: int = 5) -> list[tuple[str, str, str
         for hkl in millers:
             facet = facet_name(hkl)
             rng = np.random.default_rng(sub_seed(seed, metal, facet, "adsorbates"))
-            pick = sorted(rng.choice(len(ADSORBATES), size=ads_per_surface, replace=False))
-            out += [(metal, facet, ADSORBATES[i]) for i in pick]
+            pick = set(rng.choice(len(ADSORBATES), size=ads_per_surface, replace=False).tolist())
+            out += [(metal, facet, a) for i, a in enumerate(ADSORBATES) if (i in pick) != complement]
     return out
 
 
@@ -237,6 +253,9 @@ def _system_job(job: dict) -> dict:
         frames += [label(_rattled(relaxed, s, rng), kind="rattle", frame=i, **meta) for i, s in enumerate(RATTLE_SIGMAS)]
     else:
         chosen = ordered_placements(slab, ads, name, o, rng)[: o["n_initial"] + 1]
+        if len(chosen) < o["n_initial"] + 1:
+            raise InputError(f"{name}: {len(chosen)} placements, fewer than n_initial + 1 = {o['n_initial'] + 1}; "
+                             "raise num_random")
         for i, p in enumerate(chosen[:-1]):
             frames.append(label(p.atoms, kind="initial", frame=i, placement=p.config_id, **meta))
         for i in range(o["n_rattle"]):
@@ -244,12 +263,14 @@ def _system_job(job: dict) -> dict:
             sigma = RATTLE_SIGMAS[i % len(RATTLE_SIGMAS)]
             frames.append(label(_rattled(p.atoms, sigma, rng), kind="rattle", frame=i, placement=p.config_id, **meta))
         p = chosen[-1]
-        path, relaxed, conv, n = _teacher_relax(p.atoms, o["relax_fmax"], o["relax_steps"], o["path_frames"],
-                                                placement=p.config_id, **meta)
-        frames += path
-        relaxation = p.atoms.copy()
-        relaxation.info.update(meta, placement=p.config_id, teacher_relaxed_energy=relaxed.get_potential_energy(),
-                               teacher_converged=conv, teacher_steps=n)
+        conv, n = False, 0
+        if o["path_frames"]:
+            path, relaxed, conv, n = _teacher_relax(p.atoms, o["relax_fmax"], o["relax_steps"], o["path_frames"],
+                                                    placement=p.config_id, **meta)
+            frames += path
+            relaxation = p.atoms.copy()
+            relaxation.info.update(meta, placement=p.config_id, teacher_relaxed_energy=relaxed.get_potential_energy(),
+                                   teacher_converged=conv, teacher_steps=n)
     return {"name": name, "frames": frames, "relaxation": relaxation, "converged": conv, "steps": n,
             "seconds": round(time.perf_counter() - t0, 2)}
 
@@ -282,16 +303,17 @@ def _run_job(job: dict) -> dict:
 def job_list(opts: dict) -> list[dict]:
     """Every labelling job of ``opts`` in generation order: the gas molecules, the clean slabs,
     then the adsorbate systems interleaved by a seeded hash (so that a partial run covers every
-    metal and facet)."""
-    ads_systems = systems(opts["seed"], opts["ads_per_surface"])
-    split = split_systems(ads_systems, opts["seed"])
-    which = {s: part for part, ss in split.items() for s in ss}
-    clean = sorted({(m, f, "") for m, f, _ in ads_systems})
+    metal and facet). With ``complement``: only its adsorbate systems, all for training."""
+    complement = opts.get("complement", False)
+    ads_systems = systems(opts["seed"], opts["ads_per_surface"], complement)
+    which = {s: part for part, ss in split_systems(ads_systems, opts["seed"]).items() for s in ss}
     mixed = sorted(ads_systems, key=lambda s: hashlib.sha256(f"{opts['seed']}:order:{'-'.join(s)}".encode()).hexdigest())
-    jobs = [{"kind": "gas", "options": opts, "system": None, "split": "train"}]
-    jobs += [{"kind": "system", "options": opts, "system": s, "split": "train"} for s in clean]
-    jobs += [{"kind": "system", "options": opts, "system": s, "split": which[s]} for s in mixed]
-    return jobs
+    jobs = [{"kind": "system", "options": opts, "system": s, "split": "train" if complement else which[s]} for s in mixed]
+    if complement:
+        return jobs
+    clean = sorted({(m, f, "") for m, f, _ in ads_systems})
+    return [{"kind": "gas", "options": opts, "system": None, "split": "train"},
+            *({"kind": "system", "options": opts, "system": s, "split": "train"} for s in clean), *jobs]
 
 
 def _job_name(job: dict) -> str:
@@ -458,11 +480,13 @@ def main(argv: list[str] | None = None) -> int:
     d = generation_options()
     for k, v in d.items():
         p.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
+    p.add_argument("--complement", action="store_true",
+                   help="the adsorbate systems the seed's choice leaves out, all for training (see generation_options)")
     p.add_argument("--finished-prefix", action="store_true",
                    help="label nothing new: assemble the jobs finished before the first unfinished one "
                         "(the same as --limit N with that N; recorded in manifest.json)")
     args = p.parse_args(argv)
-    opts = {k: getattr(args, k) for k in d}
+    opts = {k: getattr(args, k) for k in (*d, "complement")}
     limit = finished_prefix(args.out_dir, **opts) if args.finished_prefix else args.limit
     m = generate_distill_dataset(args.out_dir, workers=args.workers, threads=args.threads, limit=limit, **opts)
     print(json.dumps({k: m[k] for k in ("frames", "teacher_relaxations", "wall_seconds")}))
