@@ -128,6 +128,21 @@ def test_system_job_labels_adsorbml_placements(emt_teacher):
     assert last.info["frame"] == relax.info["teacher_steps"]  # the trajectory's last frame is the relaxed one
 
 
+def test_relax_job_relaxes_to_fmax_with_the_teacher(emt_teacher):
+    """The reference relaxation of distill_eval: converged below fmax by the teacher's own
+    forces at the returned geometry, labels exact, stale ``teacher_*`` entries replaced."""
+    start = dd.build_slab("Cu", "100").atoms
+    start.info.update(system="Cu-100-clean", teacher_converged=False, teacher_steps=60, teacher_relaxed_energy=1.0)
+    start = dd._rattled(start, 0.05, np.random.default_rng(0))
+    out = dd.relax_job({"atoms": start, "fmax": 0.05, "steps": 200})
+    e, forces = _emt(out)
+    free = ~fixed_atoms(out)
+    assert out.info["teacher_converged"] and 0 < out.info["teacher_steps"] < 200
+    assert np.linalg.norm(forces[free], axis=1).max() < 0.05 and out.get_potential_energy() == pytest.approx(e)
+    assert "teacher_relaxed_energy" not in out.info and out.info["system"] == "Cu-100-clean"
+    assert out.get_potential_energy() < _emt(start)[0]
+
+
 def test_generation_resumes_and_is_deterministic(tmp_path, emt_teacher, monkeypatch):
     labelled = []
     run_job = dd._run_job

@@ -123,8 +123,8 @@ ACTIVE_ROUNDS: tuple[ActiveRound, ...] = (
 113 relaxations, 671 teacher frames (~30 min on 2 cores); round 2 by the stage-3 model (v4,
 sha256 ``0bfa6536…``): 226 relaxations, 1,325 teacher frames (~51 min)."""
 
-SHIPPED_STAGES = 3
-"""The stage whose model is shipped (``checkpoints/eqv2-7net-small.pt``, v4)."""
+SHIPPED_STAGES = 4
+"""The stage whose model is shipped (``checkpoints/eqv2-7net-small.pt``, v5: stage 4)."""
 
 
 def active_round(out_dir: Path, spec: ActiveRound, data_dir: Path, model: Path, workers: int, relabel: bool) -> Path:

@@ -28,6 +28,10 @@ test systems are unseen (metal, facet, adsorbate) combinations. Test frames are 
 ``test_initial.extxyz`` (the held-out initial placements) and ``test_paths.extxyz`` (held-out
 relaxation paths). Clean slabs and molecules go to training.
 
+``complement=True`` labels the other adsorbates of every surface instead (the systems that
+choice left out), all for training and without gas molecules or clean slabs: more training
+systems for a data set of the same seed, whose split stays as it is.
+
 Resumable: each system is one job written atomically to ``OUT/jobs/<name>.extxyz`` (+ ``.json``)
 as soon as it is labelled; a killed run skips finished jobs. ``OUT/manifest.json`` records the
 options; the assembled split files are rewritten at the end. Stop a run with Ctrl-C or a
@@ -38,6 +42,7 @@ and teacher (the number of worker processes does not change the output).
 Command line::
 
     python -m eqv2_calc.train.distill_data OUT_DIR [--workers 2] [--seed 0]
+    python -m eqv2_calc.train.distill_data OUT_DIR --complement --n-initial 10 --n-rattle 4 --path-frames 0
 """
 
 from __future__ import annotations
@@ -220,6 +225,18 @@ def _teacher_relax(atoms: Atoms, fmax: float, steps: int, path_frames: int, **in
     relaxed.positions = traj[-1][0]
     relaxed = frame_with_results(relaxed, traj[-1][1], traj[-1][2], info=info)
     return frames, relaxed, converged, opt.nsteps
+
+
+def relax_job(job: dict) -> Atoms:
+    """Teacher-relax ``job["atoms"]`` (ASE LBFGS, fmax ``job["fmax"]`` eV/Å, ≤ ``job["steps"]``;
+    in a teacher worker): the relaxed frame with its labels, ``info`` as given plus
+    ``teacher_converged`` and ``teacher_steps`` (replacing any earlier ``teacher_*`` entries).
+    A module-level job for :func:`run_teacher_jobs`."""
+    atoms = job["atoms"].copy()
+    atoms.info = {k: v for k, v in atoms.info.items() if not k.startswith("teacher_")}
+    _, relaxed, converged, n = _teacher_relax(atoms, job["fmax"], job["steps"], 2)
+    relaxed.info.update(teacher_converged=converged, teacher_steps=n)
+    return relaxed
 
 
 def ordered_placements(slab, adsorbate: str, name: str, opts: dict, rng: np.random.Generator) -> list:
