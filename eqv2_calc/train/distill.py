@@ -22,8 +22,9 @@ Steps:
    the previous stage's model relaxes anew) gives teacher frames along the latest model's own
    relaxations, and stage k + 2 fine-tunes that model on the base data plus rounds 1..k into
    ``OUT-stage<k+2>``; a round can bring more training systems (:class:`MoreSystems`, labelled
-   like the base data), which that stage and the later ones train on too. ``--stages N`` stops after stage N (default :data:`SHIPPED_STAGES`):
-   2 gives v3, 3 gives v4, 4 adds round 2, :data:`COMPLEMENT` and stage 4;
+   like the base data), which that stage and the later ones train on too. ``--stages N`` stops
+   after stage N (default :data:`SHIPPED_STAGES`): 2 gives v3, 3 gives v4, 4 (round 2,
+   :data:`COMPLEMENT` and stage 4) gives v5;
 5. the last stage's ``final.pt`` (EMA weights) is copied to ``--dest``.
 
 Every stage resumes from its ``resume.pt``. Evaluate with ``python benchmarks/distill_eval.py``.
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=DISTILL_SMALL["epochs"], help="epochs of stage 1")
     p.add_argument("--stages", type=int, choices=range(2, 3 + len(ACTIVE_ROUNDS)), default=SHIPPED_STAGES,
                    help=f"the last stage (default {SHIPPED_STAGES}, the shipped file): 2 gives v3, 3 gives v4 "
-                        "(round 1 + stage 3), 4 adds round 2 + 150 more systems + stage 4")
+                        "(round 1 + stage 3), 4 gives v5 (round 2 + 150 more systems + stage 4)")
     p.add_argument("--relabel", action="store_true",
                    help="do not restore the committed labels (data/*.tar.xz): the teacher labels everything anew")
     args = p.parse_args(argv)
