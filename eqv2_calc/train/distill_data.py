@@ -323,11 +323,11 @@ def job_list(opts: dict) -> list[dict]:
     metal and facet). With ``complement``: only its adsorbate systems, all for training."""
     complement = opts.get("complement", False)
     ads_systems = systems(opts["seed"], opts["ads_per_surface"], complement)
-    which = {s: part for part, ss in split_systems(ads_systems, opts["seed"]).items() for s in ss}
     mixed = sorted(ads_systems, key=lambda s: hashlib.sha256(f"{opts['seed']}:order:{'-'.join(s)}".encode()).hexdigest())
-    jobs = [{"kind": "system", "options": opts, "system": s, "split": "train" if complement else which[s]} for s in mixed]
     if complement:
-        return jobs
+        return [{"kind": "system", "options": opts, "system": s, "split": "train"} for s in mixed]
+    which = {s: part for part, ss in split_systems(ads_systems, opts["seed"]).items() for s in ss}
+    jobs = [{"kind": "system", "options": opts, "system": s, "split": which[s]} for s in mixed]
     clean = sorted({(m, f, "") for m, f, _ in ads_systems})
     return [{"kind": "gas", "options": opts, "system": None, "split": "train"},
             *({"kind": "system", "options": opts, "system": s, "split": "train"} for s in clean), *jobs]
