@@ -16,7 +16,13 @@ Through the public inference path (predict_batch / relax_batch), for each ``--ch
    Two references: the data set's teacher relaxation (≤ 60 steps; some do not converge) and the
    teacher relaxed with the model's settings (fmax 0.05 eV/Å, ≤ 300 steps), computed once in
    teacher processes and cached in ``--reference`` (committed: ``data/distill-test-relaxed-*``);
-3. forward time on a 40-atom slab (``emt_model_eval.forward_time``).
+3. adsorption energies at the teacher's geometries: for each held-out system, its last path
+   frame, the teacher-relaxed clean slab of its surface and the teacher-relaxed gas molecules
+   (training frames of the data set), E_ads = E(system) − E(slab) − Σ n ε (OC20 references from
+   H2, H2O, CO, N2) with the model's energies against the teacher's: the error that decides
+   validated ML-only success when the model relaxes to the right structure, split into its
+   system, slab and gas-reference parts;
+4. forward time on a 40-atom slab (``emt_model_eval.forward_time``).
 
     python benchmarks/distill_eval.py [--checkpoint A.pt B.pt] [--data runs/distill-data] [--json out.json]
 """
@@ -67,17 +73,52 @@ def frame_errors(calc: EquiformerV2Calculator, path: Path) -> dict[str, float]:
     mae = {k: (s / n if n else float("nan")) for k, (s, n) in sums.items()}
     out = {"frames": len(frames), "energy_mae_per_atom": float(np.mean(e_atom)), "free_force_mae": mae["free"],
            "free_slab_force_mae": mae["slab"], "adsorbate_force_mae": mae["ads"], "max_force_error": worst}
-    # per system, its path frame with the highest index: the teacher's last (relaxed) frame
-    last: dict[str, tuple[int, float]] = {}
-    for a, p in zip(frames, preds):
-        if a.info.get("kind") != "path":
-            continue
-        key, i = a.info["system"], int(a.info["frame"])
-        if key not in last or i > last[key][0]:
-            last[key] = (i, abs(p["energy"] - a.get_potential_energy()))
+    pred_of = {id(a): p for a, p in zip(frames, preds)}
+    last = last_path_frames(frames)
     if last:
-        out["last_frame_energy_mae"] = float(np.mean([e for _, e in last.values()]))
+        out["last_frame_energy_mae"] = float(np.mean([abs(pred_of[id(a)]["energy"] - a.get_potential_energy())
+                                                      for a in last.values()]))
     return out
+
+
+def last_path_frames(frames: list) -> dict[str, object]:
+    """System → its path frame with the highest index (the teacher's last, relaxed frame)."""
+    last: dict[str, object] = {}
+    for a in frames:
+        if a.info.get("kind") == "path" and (a.info["system"] not in last
+                                             or int(a.info["frame"]) > int(last[a.info["system"]].info["frame"])):
+            last[a.info["system"]] = a
+    return last
+
+
+def adsorption_energy_errors(calc: EquiformerV2Calculator, data: Path) -> dict:
+    """Model − teacher error (eV) of E_ads at the teacher's relaxed geometries of the held-out
+    systems (clean slabs and gas molecules: the data set's training frames)."""
+    from adsorbml.references import REFERENCE_MOLECULES, GasReferences, reference_offset
+    from eqv2_calc.train.distill_data import system_name
+
+    systems = last_path_frames(read(data / "test_paths.extxyz", index=":"))
+    train = last_path_frames(read(data / "train.extxyz", index=":"))
+    slabs = {k: train[system_name(*k.split("-")[:2], "")] for k in systems}
+    gas = {m: train[f"gas-{m}"] for m in REFERENCE_MOLECULES}
+    frames = [*systems.values(), *slabs.values(), *gas.values()]
+    preds = calc.predict_batch(frames, max_atoms=600)
+    model = {id(a): p["energy"] for a, p in zip(frames, preds)}
+    refs = {who: GasReferences.from_molecule_energies({m: e(a) for m, a in gas.items()})
+            for who, e in (("model", lambda a: model[id(a)]), ("teacher", lambda a: a.get_potential_energy()))}
+    rows = []
+    for k, a in systems.items():
+        d_sys = model[id(a)] - a.get_potential_energy()
+        d_slab = model[id(slabs[k])] - slabs[k].get_potential_energy()
+        d_gas = (reference_offset("total", 0.0, a, refs["model"]) - reference_offset("total", 0.0, a, refs["teacher"]))
+        rows.append({"system": k, "error": d_sys - d_slab - d_gas, "system_part": d_sys, "slab_part": -d_slab,
+                     "gas_part": -d_gas})
+    err = np.array([r["error"] for r in rows])
+    return {"systems": len(rows), "mae": float(np.mean(np.abs(err))), "median_abs": float(np.median(np.abs(err))),
+            "within_0.1eV": float(np.mean(np.abs(err) <= 0.1)),
+            **{f"{part}_mae": float(np.mean([abs(r[part]) for r in rows])) for part in ("system_part", "slab_part", "gas_part")},
+            "gas_molecule_errors": {m: model[id(a)] - a.get_potential_energy() for m, a in gas.items()},
+            "worst": sorted(rows, key=lambda r: -abs(r["error"]))[:5]}
 
 
 def held_out_starts(path: Path) -> list:
@@ -178,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
              "forward_40_atoms": forward_time(calc, 10),
              "initial": frame_errors(calc, data / "test_initial.extxyz"),
              "paths": frame_errors(calc, data / "test_paths.extxyz"),
-             "val": frame_errors(calc, data / "val.extxyz")}
+             "val": frame_errors(calc, data / "val.extxyz"),
+             "adsorption_energy": adsorption_energy_errors(calc, data)}
         if not args.skip_relax:
             m["relax"] = relax_agreement(calc, teacher, starts, args.fmax, args.steps, reference)
         out["models"][Path(ckpt).name] = m
@@ -194,6 +236,11 @@ def main(argv: list[str] | None = None) -> int:
             target = TARGETS[part].get(key)
             vals = " | ".join(f"{out['models'][n][part][key]:.4f}" for n in names)
             print(f"| {part}: {key} | {vals} | {'≤ ' + str(target) if target else ''} |")
+    for key, label in (("mae", "E_ads error at the teacher's geometries, MAE (eV)"),
+                       ("within_0.1eV", "… within 0.1 eV"), ("system_part_mae", "… system part, MAE (eV)"),
+                       ("slab_part_mae", "… clean-slab part, MAE (eV)"), ("gas_part_mae", "… gas-reference part, MAE (eV)")):
+        vals = " | ".join(f"{out['models'][n]['adsorption_energy'][key]:.3f}" for n in names)
+        print(f"| {label} | {vals} | |")
     if not args.skip_relax:
         vals = " | ".join(f"{out['models'][n]['relax']['within_0.1eV']:.0%} of {out['models'][n]['relax']['systems']}" for n in names)
         print(f"| relaxed within 0.1 eV of the teacher's relaxation (fmax {args.fmax}, ≤ {args.steps} steps) | {vals} | ≥ 85 % |")
