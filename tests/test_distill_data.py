@@ -75,6 +75,28 @@ def test_complement_is_the_rest_of_every_surface_all_for_training():
         dd.generation_options(n_initial=0)
 
 
+def test_new_surfaces_are_other_facets_all_for_training_with_their_clean_slabs():
+    """new_surfaces: facets the base data never uses, so no base system (and no held-out one)
+    is among its systems; its jobs are each new surface's clean slab and its adsorbate systems,
+    all for training, without gas molecules (the base data has them)."""
+    base = {(m, dd.facet_name(h)) for m, hs in dd.SURFACES.items() for h in hs}
+    new = {(m, dd.facet_name(h)) for m, hs in dd.NEW_SURFACES.items() for h in hs}
+    assert not base & new and {m for m, _ in new} == set(dd.SURFACES)
+    opts = dd.generation_options(new_surfaces=True)
+    assert opts == {**dd.generation_options(), "new_surfaces": True}
+    jobs = dd.job_list(opts)
+    assert {j["split"] for j in jobs} == {"train"} and {j["kind"] for j in jobs} == {"system"}
+    clean = [j["system"][:2] for j in jobs if not j["system"][2]]
+    assert sorted(clean) == sorted(new)
+    ads = [j["system"] for j in jobs if j["system"][2]]
+    assert sorted(ads) == sorted(dd.systems(0, 5, new_surfaces=True)) and len(ads) == 5 * len(new)
+    assert len(dd.systems(0, 5, complement=True, new_surfaces=True)) == 5 * len(new)
+    slab = dd.build_slab("Cu", "210")
+    assert 20 <= len(slab.atoms) <= 80 and set(slab.atoms.get_tags()) == {0, 1}
+    with pytest.raises(InputError, match=r"no surface Cu\(110\)"):
+        dd.build_slab("Cu", "110")
+
+
 def test_job_without_path_frames_labels_starts_only(emt_teacher):
     opts = dd.generation_options(complement=True, n_initial=4, n_rattle=2, path_frames=0, num_random=5)
     res = dd._run_job({"kind": "system", "options": opts, "system": ("Cu", "100", "*OH"), "split": "train"})

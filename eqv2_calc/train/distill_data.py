@@ -30,7 +30,9 @@ relaxation paths). Clean slabs and molecules go to training.
 
 ``complement=True`` labels the other adsorbates of every surface instead (the systems that
 choice left out), all for training and without gas molecules or clean slabs: more training
-systems for a data set of the same seed, whose split stays as it is.
+systems for a data set of the same seed, whose split stays as it is. ``new_surfaces=True``
+labels the facets of :data:`NEW_SURFACES` (other facets of the same metals, with their clean
+slabs), all for training.
 
 Resumable: each system is one job written atomically to ``OUT/jobs/<name>.extxyz`` (+ ``.json``)
 as soon as it is labelled; a killed run skips finished jobs. ``OUT/manifest.json`` records the
@@ -43,6 +45,7 @@ Command line::
 
     python -m eqv2_calc.train.distill_data OUT_DIR [--workers 2] [--seed 0]
     python -m eqv2_calc.train.distill_data OUT_DIR --complement --n-initial 10 --n-rattle 4 --path-frames 0
+    python -m eqv2_calc.train.distill_data OUT_DIR --new-surfaces
 """
 
 from __future__ import annotations
@@ -74,6 +77,13 @@ SURFACES: dict[str, tuple[tuple[int, int, int], ...]] = {
 }
 """Metal → Miller indices of its slabs (fcc bulk from ``ase.build.bulk``; Ru hcp)."""
 
+NEW_SURFACES: dict[str, tuple[tuple[int, int, int], ...]] = {
+    **{m: ((3, 1, 1), (2, 1, 0)) for m in ("Pt", "Pd", "Ni", "Cu", "Ag", "Au", "Rh", "Ir", "Al")},
+    "Ru": ((1, 1, 0), (1, 0, 2)),
+}
+"""Further facets of the same metals (``new_surfaces=True``; 24–72 atoms), none of them in
+:data:`SURFACES`: training systems on surfaces the base data has not seen."""
+
 ADSORBATES: tuple[str, ...] = ("*H", "*O", "*OH", "*CO", "*C", "*N", "*CH3", "*CHO", "*NH2", "*COH")
 """Adsorbates sampled from (built-in geometries of :mod:`adsorbml.adsorbates`)."""
 
@@ -85,7 +95,7 @@ MOLECULE_BOX = 20.0
 def generation_options(
     seed: int = 0, teacher: str = DEFAULT_TEACHER, ads_per_surface: int = 5, n_initial: int = 6, n_rattle: int = 3,
     path_frames: int = 10, relax_fmax: float = 0.05, relax_steps: int = 60, num_random: int = 20,
-    complement: bool = False,
+    complement: bool = False, new_surfaces: bool = False,
 ) -> dict:
     """The options that determine a data set (recorded in ``manifest.json``).
 
@@ -94,6 +104,8 @@ def generation_options(
     clean slabs: more training systems for the data set of the same ``seed`` and
     ``ads_per_surface`` whose split, and held-out systems, stay as they are. It is recorded
     only when set, so data made before the option existed keep their recorded options.
+    ``new_surfaces``: the systems of :data:`NEW_SURFACES` instead (with their clean slabs, all
+    for training, no gas molecules); recorded only when set.
     ``path_frames=0``: no teacher relaxation (initial and rattled frames only)."""
     counts = dict(ads_per_surface=(ads_per_surface, 1), n_initial=(n_initial, 1), n_rattle=(n_rattle, 0),
                   path_frames=(path_frames, 0), relax_steps=(relax_steps, 1), num_random=(num_random, 0))
@@ -104,7 +116,7 @@ def generation_options(
         raise InputError(f"complement needs ads_per_surface < {len(ADSORBATES)} (else no system is left out)")
     opts = dict(seed=seed, teacher=teacher, ads_per_surface=ads_per_surface, n_initial=n_initial, n_rattle=n_rattle,
                 path_frames=path_frames, relax_fmax=relax_fmax, relax_steps=relax_steps, num_random=num_random)
-    return {**opts, "complement": True} if complement else opts
+    return {**opts, **({"complement": True} if complement else {}), **({"new_surfaces": True} if new_surfaces else {})}
 
 
 def sub_seed(seed: int, *parts: str) -> int:
@@ -117,13 +129,15 @@ def facet_name(miller: Sequence[int]) -> str:
     return "".join(str(int(x)) for x in miller)
 
 
-def systems(seed: int = 0, ads_per_surface: int = 5, complement: bool = False) -> list[tuple[str, str, str]]:
-    """(metal, facet, adsorbate) of every adsorbate system: per surface a seeded choice of
-    ``ads_per_surface`` of :data:`ADSORBATES` (fixed order); ``complement``: the others."""
+def systems(seed: int = 0, ads_per_surface: int = 5, complement: bool = False,
+            new_surfaces: bool = False) -> list[tuple[str, str, str]]:
+    """(metal, facet, adsorbate) of every adsorbate system: per surface of :data:`SURFACES`
+    (``new_surfaces``: of :data:`NEW_SURFACES`) a seeded choice of ``ads_per_surface`` of
+    :data:`ADSORBATES` (fixed order); ``complement``: the others."""
     if not 1 <= ads_per_surface <= len(ADSORBATES):
         raise InputError(f"ads_per_surface must be in 1..{len(ADSORBATES)}, got {ads_per_surface}")
     out = []
-    for metal, millers in SURFACES.items():
+    for metal, millers in (NEW_SURFACES if new_surfaces else SURFACES).items():
         for hkl in millers:
             facet = facet_name(hkl)
             rng = np.random.default_rng(sub_seed(seed, metal, facet, "adsorbates"))
@@ -143,9 +157,10 @@ def build_slab(metal: str, facet: str):
 
     from adsorbml.inputs import slabs_from_bulk
 
-    hkl = next((h for h in SURFACES.get(metal, ()) if facet_name(h) == facet), None)
+    known = [(m, h) for table in (SURFACES, NEW_SURFACES) for m, hs in table.items() for h in hs]
+    hkl = next((h for m, h in known if m == metal and facet_name(h) == facet), None)
     if hkl is None:
-        raise InputError(f"no surface {metal}({facet}); known: {sorted((m, facet_name(h)) for m, hs in SURFACES.items() for h in hs)}")
+        raise InputError(f"no surface {metal}({facet}); known: {sorted((m, facet_name(h)) for m, h in known)}")
     return slabs_from_bulk(bulk(metal), hkl, max_slabs=1)[0]
 
 
@@ -320,17 +335,22 @@ def _run_job(job: dict) -> dict:
 def job_list(opts: dict) -> list[dict]:
     """Every labelling job of ``opts`` in generation order: the gas molecules, the clean slabs,
     then the adsorbate systems interleaved by a seeded hash (so that a partial run covers every
-    metal and facet). With ``complement``: only its adsorbate systems, all for training."""
-    complement = opts.get("complement", False)
-    ads_systems = systems(opts["seed"], opts["ads_per_surface"], complement)
+    metal and facet). With ``complement``: only its adsorbate systems, all for training; with
+    ``new_surfaces``: the clean slabs and adsorbate systems of the new surfaces, all for training."""
+    complement, new = opts.get("complement", False), opts.get("new_surfaces", False)
+    ads_systems = systems(opts["seed"], opts["ads_per_surface"], complement, new)
     mixed = sorted(ads_systems, key=lambda s: hashlib.sha256(f"{opts['seed']}:order:{'-'.join(s)}".encode()).hexdigest())
-    if complement:
-        return [{"kind": "system", "options": opts, "system": s, "split": "train"} for s in mixed]
-    which = {s: part for part, ss in split_systems(ads_systems, opts["seed"]).items() for s in ss}
+    if complement or new:
+        which = dict.fromkeys(ads_systems, "train")
+    else:
+        which = {s: part for part, ss in split_systems(ads_systems, opts["seed"]).items() for s in ss}
     jobs = [{"kind": "system", "options": opts, "system": s, "split": which[s]} for s in mixed]
-    clean = sorted({(m, f, "") for m, f, _ in ads_systems})
-    return [{"kind": "gas", "options": opts, "system": None, "split": "train"},
-            *({"kind": "system", "options": opts, "system": s, "split": "train"} for s in clean), *jobs]
+    if complement:
+        return jobs
+    clean = [{"kind": "system", "options": opts, "system": s, "split": "train"}
+             for s in sorted({(m, f, "") for m, f, _ in ads_systems})]
+    gas = [] if new else [{"kind": "gas", "options": opts, "system": None, "split": "train"}]
+    return [*gas, *clean, *jobs]
 
 
 def _job_name(job: dict) -> str:
@@ -499,11 +519,13 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
     p.add_argument("--complement", action="store_true",
                    help="the adsorbate systems the seed's choice leaves out, all for training (see generation_options)")
+    p.add_argument("--new-surfaces", action="store_true",
+                   help="the facets of NEW_SURFACES (clean slabs + adsorbate systems), all for training")
     p.add_argument("--finished-prefix", action="store_true",
                    help="label nothing new: assemble the jobs finished before the first unfinished one "
                         "(the same as --limit N with that N; recorded in manifest.json)")
     args = p.parse_args(argv)
-    opts = {k: getattr(args, k) for k in (*d, "complement")}
+    opts = {k: getattr(args, k) for k in (*d, "complement", "new_surfaces")}
     limit = finished_prefix(args.out_dir, **opts) if args.finished_prefix else args.limit
     m = generate_distill_dataset(args.out_dir, workers=args.workers, threads=args.threads, limit=limit, **opts)
     print(json.dumps({k: m[k] for k in ("frames", "teacher_relaxations", "wall_seconds")}))
