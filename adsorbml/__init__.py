@@ -25,6 +25,7 @@ only imported by the stages that use them):
 * :mod:`adsorbml.export`, :mod:`adsorbml.vasp_import`, :mod:`adsorbml.dft_import` — top-k VASP
   inputs, and finished VASP single points read back into a run.
 * :mod:`adsorbml.metrics`, :mod:`adsorbml.formats` — success@k, speedup; the OC20-Dense files.
+* :mod:`adsorbml.reuse` — another run's ground truth copied into a new run (compare ML models on it).
 * :mod:`adsorbml.cli` — ``adsorbml run | export | import | metrics | demo`` (entry point ``adsorbml.cli:main``).
 
 Units: energies eV, lengths Å, forces eV/Å.

@@ -64,6 +64,9 @@ def benchmark_parser(doc: str, n_systems: int, systems: int, placements: int, ml
     p.add_argument("--ml-calculator", default=ml, help=f"{ml} (default) | shipped-emt | shipped-7net | emt | checkpoint path")
     p.add_argument("--out", default=out, help="output directory (resumable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--ground-truth-from", metavar="DIR",
+                   help="the output folder of another ML model's benchmark (<out>/<model>) of the same systems and "
+                        "placements: its ground truth is copied, not recomputed (adsorbml.reuse)")
     return p
 
 
@@ -77,9 +80,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_benchmark(args: argparse.Namespace, systems, dft: str, dft_label: str) -> int:
     """The benchmark over ``systems`` [(metal, hkl, adsorbate)] with DFT calculator spec ``dft``
-    (args: placements, no_heuristic, seed, k, ml_calculator, out, quiet)."""
+    (args: placements, no_heuristic, seed, k, ml_calculator, out, quiet, ground_truth_from)."""
     from adsorbml.formats import write_compute, write_results, write_targets
     from adsorbml.metrics import format_table, metrics_table
+    from adsorbml.reuse import copy_ground_truth
     from adsorbml.store import RunStore
     from adsorbml.summary import format_answers
     from adsorbml.workflow import RunConfig, SlabSpec, make_ml_calculator, run_workflow
@@ -107,6 +111,8 @@ def run_benchmark(args: argparse.Namespace, systems, dft: str, dft_label: str) -
         )
         sdir = out / f"{metal}{hkl}_{ads.lstrip('*')}"
         print(f"[{i + 1}/{len(systems)}] {ads} on {metal}({hkl})", flush=True)
+        if args.ground_truth_from:
+            copy_ground_truth(Path(args.ground_truth_from) / sdir.name, sdir, cfg)
         s = run_workflow(cfg, sdir, ml_calculator=ml_calc, progress=not args.quiet, log=lambda m: None)
         (sid,) = s.systems
         answers += s.answers
@@ -147,6 +153,8 @@ def run_benchmark(args: argparse.Namespace, systems, dft: str, dft_label: str) -
         "",
         format_answers(answers),
     ]
+    if args.ground_truth_from:
+        lines += ["", f"ground truth copied from {args.ground_truth_from} (the same systems, placements and settings)"]
     if unscored:
         lines += ["", f"not scored (every ground-truth relaxation anomalous): {', '.join(unscored)}"]
     lines += ["", f"wall time of this invocation: {wall:.0f} s"]
