@@ -25,6 +25,7 @@ GROUND_TRUTH_FIELDS: tuple[str, ...] = (
 """The :attr:`RunConfig.RESULT_FIELDS` that the slabs, placements and ground truth depend on."""
 
 COPIED_STAGES: tuple[str, ...] = ("slab", "placement", "slab_gt", "gt")
+"""The store stages copied: clean slabs, placements, ground-truth relaxed slabs and placements."""
 
 
 def copy_ground_truth(source: str | os.PathLike, dest: str | os.PathLike, cfg: RunConfig) -> int:
@@ -34,11 +35,29 @@ def copy_ground_truth(source: str | os.PathLike, dest: str | os.PathLike, cfg: R
     if ``source`` has no run, its settings differ from ``cfg`` in a :data:`GROUND_TRUTH_FIELDS`
     field, or it has no ground truth."""
     source, dest = Path(source), Path(dest)
-    if (dest / DB_NAME).is_file() and RunStore(dest, create=False).metadata:
-        return 0
+    if (dest / DB_NAME).is_file():
+        existing = RunStore(dest, create=False)
+        has_run = bool(existing.metadata)
+        existing.close()
+        if has_run:
+            return 0
     if not (source / DB_NAME).is_file():
         raise InputError(f"no run to take the ground truth from: {source / DB_NAME} does not exist")
     src = RunStore(source, create=False)
+    try:
+        rows = _ground_truth_rows(src, source, cfg)
+    finally:
+        src.close()
+    out = RunStore(dest)
+    try:
+        return out.write_many(rows)
+    finally:
+        out.close()
+
+
+def _ground_truth_rows(src: RunStore, source: Path, cfg: RunConfig) -> list[tuple]:
+    """The :data:`COPIED_STAGES` rows of ``src`` as :meth:`RunStore.write_many` takes them, after
+    checking that they are the ground truth of ``cfg``."""
     stored = src.metadata.get("fingerprint") or {}
     wanted = json.loads(json.dumps(cfg.fingerprint()))
     differ = [f"{k}: {stored.get(k)!r} there, {wanted.get(k)!r} here" for k in GROUND_TRUTH_FIELDS
@@ -48,15 +67,9 @@ def copy_ground_truth(source: str | os.PathLike, dest: str | os.PathLike, cfg: R
                          "copy only from a run of the same systems, placements and DFT settings")
     if not src.count("gt"):
         raise InputError(f"{source} holds no ground-truth relaxations (run it with ground_truth first)")
-    rows = [(stage, r.system_id, r.config_id, r.toatoms(),
+    return [(stage, r.system_id, r.config_id, r.toatoms(),
              {k: v for k, v in r.key_value_pairs.items() if k not in ("stage", "system_id", "config_id")},
              r.data) for stage in COPIED_STAGES for r in src.rows(stage)]
-    src.close()
-    out = RunStore(dest)
-    try:
-        return out.write_many(rows)
-    finally:
-        out.close()
 
 
 __all__ = ["COPIED_STAGES", "GROUND_TRUTH_FIELDS", "copy_ground_truth"]

@@ -10,7 +10,7 @@ from ase.build import fcc111
 from ase.io import write
 
 from adsorbml.errors import InputError
-from adsorbml.reuse import copy_ground_truth
+from adsorbml.reuse import COPIED_STAGES, GROUND_TRUTH_FIELDS, copy_ground_truth
 from adsorbml.store import RunStore
 from adsorbml.workflow import RunConfig, run_workflow
 
@@ -31,7 +31,8 @@ def test_copied_ground_truth_gives_the_targets_of_a_full_run(source, tmp_path):
     other = RunConfig.from_dict({**base, "fmax": 0.1, "steps": 20})  # another ML side
     n = copy_ground_truth(tmp / "a", tmp_path / "b", other)
     src = RunStore(tmp / "a", create=False)
-    assert n == sum(src.count(s) for s in ("slab", "placement", "slab_gt", "gt")) and src.count("gt") == 3
+    assert n == sum(src.count(s) for s in COPIED_STAGES) and src.count("gt") == 3
+    assert set(GROUND_TRUTH_FIELDS) <= set(RunConfig.RESULT_FIELDS)  # all of them compared on resume too
     b = run_workflow(other, tmp_path / "b", plots=False, progress=False, log=lambda m: None)
     assert b.gt_relaxed_now == 0 and b.ml_relaxed_now == 3
     full = run_workflow(other, tmp_path / "c", plots=False, progress=False, log=lambda m: None)

@@ -237,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         grown = stage6 / "grown.pt"
         if not grown.is_file():
             grow_layers(result.final, GROWN_LAYERS, grown)
+        gas = [data_dir / "jobs" / "gas.extxyz"] * ACTIVE_ROUNDS[-1].gas_repeats  # as in stage 5
         result = train(distill_config(data_dir, stage6, DISTILL_STAGE6, grown, threads=args.threads,
                                       extra_train=extra + gas))
     dest = Path(args.dest)

@@ -4,8 +4,9 @@ A block computes ``x + attention(norm_1(x))`` then ``+ ffn(norm_2(x))``. A block
 output projection (``ga.proj``) and feed-forward output (``ffn.so3_linear_2``) are zero adds
 nothing, so appending such blocks after the trained ones (before the final norm and the heads)
 gives a deeper model with exactly the trained model's energies and forces. The other weights of
-a new block are seeded random; they get gradients as soon as the first optimizer step moves its
-output projections off zero (as in zero-initialised residual branches).
+a new block are seeded random. The zeroed projections get gradients from the first step; the
+weights before them do once the projections are off zero (as in zero-initialised residual
+branches).
 """
 
 from __future__ import annotations
